@@ -1,0 +1,260 @@
+"""Vision Mamba (Vim, Zhu et al. 2024): a plain, bidirectional state-space vision backbone.
+
+Patch embedding -> learned absolute position embedding (class token, if any, in the MIDDLE of
+the sequence) -> ``num_layers`` blocks of ``stream + drop_path(mixer(RMSNorm(stream)))`` with the
+residual stream kept in float32 -> final RMSNorm. Parameter names follow the authors' release,
+so their checkpoints load key for key. Imports nothing but torch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+
+from ..layers import (DropPath, PatchEmbed, RMSNorm, VisionRotaryEmbedding, insert_middle,
+                      resize_pos_grid, split_middle, to_2tuple)
+from ..mixer import BiMambaMixer
+
+# Presets as data (Table 1 of the paper; "demo" is a CPU-sized model for the built-in demos).
+ARCH_SETTINGS = {
+    'tiny': dict(embed_dims=192, num_layers=24, d_state=16),
+    'small': dict(embed_dims=384, num_layers=24, d_state=16),
+    'base': dict(embed_dims=768, num_layers=24, d_state=16),
+    'demo': dict(embed_dims=64, num_layers=4, d_state=8),
+}
+ARCH_ALIASES = {'t': 'tiny', 'ti': 'tiny', 's': 'small', 'b': 'base'}
+OUT_TYPES = ('featmap', 'cls_token', 'raw')
+NO_WEIGHT_DECAY = ('pos_embed', 'cls_token', 'A_log', 'A_b_log', 'D', 'D_b')
+
+
+class VimBlock(nn.Module):
+    """``stream + drop_path(mixer(norm(stream)))``; the stream keeps its (float32) dtype."""
+
+    def __init__(self, embed_dims, mixer_cfg: dict, drop_path: float = 0.):
+        super().__init__()
+        self.norm = RMSNorm(embed_dims, eps=1e-5)
+        self.mixer = BiMambaMixer(embed_dims, **mixer_cfg)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, stream, rope=None):
+        hidden = self.norm(stream)
+        if rope is not None:
+            hidden = VisionRotaryEmbedding.rotate(hidden, *rope)
+        return stream + self.drop_path(self.mixer(hidden)).to(stream.dtype)
+
+
+class VisionMamba(nn.Module):
+    """Vim backbone for classification (``with_cls_token``) and dense prediction.
+
+    Args:
+        arch: 'tiny' | 'small' | 'base' | 'demo' or a dict with ``embed_dims``, ``num_layers``
+            and optionally ``d_state``, ``expand``, ``d_conv``, ``dt_rank``.
+        img_size: size the position embedding is learned for; any other input size is served
+            by resizing it on the fly (non-square and odd sizes included).
+        patch_size, stride: patch kernel and stride (stride 8: the long-sequence models).
+        out_indices: blocks whose output is returned (negative counts from the end).
+        out_type: 'featmap' -> (B, C, h, w) per index; 'cls_token' -> (B, C) (the middle class
+            token after the final norm, needs ``with_cls_token``); 'raw' -> (B, L, C).
+        final_norm: apply the final RMSNorm to the output of the last block.
+        with_cp: activation checkpointing of every block (saves memory at high resolution).
+        use_rope: 2-D rotary embedding of the mixer inputs (off in the released models).
+        backend: None/'auto', 'cuda' or 'torch' (see ``vim_mm.ops.backend``).
+        init_cfg: None or ``dict(type='Pretrained', checkpoint=PATH, prefix=None)``.
+    """
+
+    def __init__(self, arch='tiny', img_size=224, patch_size=16, stride=16, in_channels=3,
+                 out_indices=-1, out_type='featmap', with_cls_token=False, final_norm=True,
+                 drop_rate=0., drop_path_rate=0., with_cp=False, use_rope=False,
+                 backend=None, init_cfg=None):
+        super().__init__()
+        self.arch_settings = self._parse_arch(arch)
+        self.embed_dims = self.arch_settings['embed_dims']
+        self.num_layers = self.arch_settings['num_layers']
+        if out_type not in OUT_TYPES:
+            raise ValueError(f'out_type must be one of {OUT_TYPES}, got {out_type!r}')
+        if out_type == 'cls_token' and not with_cls_token:
+            raise ValueError("out_type='cls_token' needs with_cls_token=True")
+        self.out_type, self.with_cls_token, self.final_norm = out_type, with_cls_token, final_norm
+        self.out_indices = self._parse_out_indices(out_indices)
+        self.with_cp, self.backend, self.init_cfg = with_cp, backend, init_cfg
+        self._check_init_cfg(init_cfg)
+        self.is_init = False
+
+        self.img_size = to_2tuple(img_size)
+        self.patch_embed = PatchEmbed(patch_size, stride, in_channels, self.embed_dims)
+        self.grid_size = self.patch_embed.grid_size(self.img_size)
+        num_tokens = self.grid_size[0] * self.grid_size[1] + int(with_cls_token)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dims)) if with_cls_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, self.embed_dims))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.rope = VisionRotaryEmbedding(self.embed_dims, self.grid_size) if use_rope else None
+
+        mixer_cfg = {k: v for k, v in self.arch_settings.items()
+                     if k not in ('embed_dims', 'num_layers')}
+        mixer_cfg['backend'] = backend
+        rates = torch.linspace(0, drop_path_rate, self.num_layers).tolist()
+        self.layers = nn.ModuleList(VimBlock(self.embed_dims, mixer_cfg, rate) for rate in rates)
+        self.norm_f = RMSNorm(self.embed_dims, eps=1e-5)
+        self.reset_parameters()
+        self._register_load_state_dict_pre_hook(self._adapt_state_dict)
+
+    # ----------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _parse_arch(arch) -> dict:
+        if isinstance(arch, str):
+            name = ARCH_ALIASES.get(arch.lower(), arch.lower())
+            if name not in ARCH_SETTINGS:
+                raise ValueError(f'Unknown Vim arch {arch!r}; presets: {sorted(ARCH_SETTINGS)} '
+                                 '(or a dict with embed_dims and num_layers).')
+            return dict(ARCH_SETTINGS[name])
+        if not isinstance(arch, Mapping) or not {'embed_dims', 'num_layers'} <= set(arch):
+            raise ValueError(f'A custom Vim arch must be a dict with embed_dims and num_layers, got {arch!r}')
+        allowed = {'embed_dims', 'num_layers', 'd_state', 'expand', 'd_conv', 'dt_rank'}
+        if set(arch) - allowed:
+            raise ValueError(f'Unknown Vim arch keys {sorted(set(arch) - allowed)}; allowed: {sorted(allowed)}')
+        return dict(arch)
+
+    def _parse_out_indices(self, out_indices) -> tuple[int, ...]:
+        indices = [out_indices] if isinstance(out_indices, int) else list(out_indices)
+        parsed = []
+        for index in indices:
+            if not -self.num_layers <= index < self.num_layers:
+                raise ValueError(f'out_indices {out_indices} out of range for {self.num_layers} layers')
+            parsed.append(index % self.num_layers)
+        if not parsed:
+            raise ValueError('out_indices must name at least one layer')
+        return tuple(parsed)
+
+    @staticmethod
+    def _check_init_cfg(init_cfg):
+        if init_cfg is None:
+            return
+        cfgs = [init_cfg] if isinstance(init_cfg, Mapping) else list(init_cfg)
+        for cfg in cfgs:
+            if cfg.get('type') != 'Pretrained':
+                raise ValueError(f"VisionMamba initialises itself; init_cfg accepts only "
+                                 f"dict(type='Pretrained', checkpoint=PATH, prefix=None), got {dict(cfg)}")
+            unknown = set(cfg) - {'type', 'checkpoint', 'prefix', 'map_location'}
+            if unknown or 'checkpoint' not in cfg:
+                raise ValueError(f'Bad Pretrained init_cfg {dict(cfg)}: needs checkpoint=PATH, '
+                                 f'accepts prefix and map_location, unknown keys {sorted(unknown)}')
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The authors' initialisation (timm/Mamba conventions)."""
+        nn.init.trunc_normal_(self.pos_embed, std=.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=.02)
+        proj = self.patch_embed.proj
+        fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+        nn.init.trunc_normal_(proj.weight, std=math.sqrt(1. / fan_in) / .87962566103423978)
+        nn.init.zeros_(proj.bias)
+        for layer in self.layers:
+            mixer = layer.mixer
+            for module in mixer.modules():
+                if isinstance(module, (nn.Linear, nn.Conv1d)):
+                    module.reset_parameters()
+            mixer.reset_parameters()
+            nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
+            mixer.out_proj.weight.div_(math.sqrt(self.num_layers))
+            nn.init.ones_(layer.norm.weight)
+        nn.init.ones_(self.norm_f.weight)
+
+    def init_weights(self):
+        """Load ``init_cfg``'s checkpoint, if any. Idempotent; weights were set in __init__."""
+        if self.init_cfg is not None:
+            from ..checkpoint import load_pretrained
+            cfgs = [self.init_cfg] if isinstance(self.init_cfg, Mapping) else self.init_cfg
+            for cfg in cfgs:
+                load_pretrained(self, cfg['checkpoint'], prefix=cfg.get('prefix'),
+                                map_location=cfg.get('map_location', 'cpu'))
+        self.is_init = True
+
+    def _adapt_state_dict(self, state_dict, prefix, *args):
+        """Any ``load_state_dict`` accepts Vim weights of another grid, kernel or head layout."""
+        from ..checkpoint import convert_vim_state_dict
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not own:
+            return
+        converted, _ = convert_vim_state_dict(own, self)
+        for key in own:
+            del state_dict[prefix + key]
+        state_dict.update({prefix + k: v for k, v in converted.items()})
+
+    # ----------------------------------------------------------------------------- helpers
+    @property
+    def active_backend(self) -> str:
+        """The mixer implementation that runs for this model's current device."""
+        from ...ops import resolve_backend
+        return resolve_backend(self.backend, self.pos_embed.device.type)
+
+    def no_weight_decay(self) -> set[str]:
+        return {name for name, _ in self.named_parameters()
+                if name.split('.')[-1] in NO_WEIGHT_DECAY}
+
+    def get_layer_depth(self, param_name: str, prefix: str = '') -> tuple[int, int]:
+        """(layer id, number of layer ids) for layer-wise lr decay, as mmpretrain's ViT.
+
+        Embeddings are layer 0, block i is layer i + 1, the final norm and anything outside
+        the backbone (neck, head) the last layer.
+        """
+        num = self.num_layers + 2
+        if not param_name.startswith(prefix):
+            return num - 1, num
+        name = param_name[len(prefix):]
+        if name in ('cls_token', 'pos_embed') or name.startswith('patch_embed'):
+            return 0, num
+        if name.startswith('layers.'):
+            return int(name.split('.')[1]) + 1, num
+        return num - 1, num
+
+    def position_embedding(self, grid) -> torch.Tensor:
+        """Position embedding for a token grid of any size (class slot kept in the middle)."""
+        pos = self.pos_embed
+        if tuple(grid) == self.grid_size:
+            return pos
+        if self.with_cls_token:
+            grid_part, cls_slot = split_middle(pos)
+            return insert_middle(resize_pos_grid(grid_part, self.grid_size, grid), cls_slot)
+        return resize_pos_grid(pos, self.grid_size, grid)
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor):
+        tokens, grid = self.patch_embed(x)
+        if self.with_cls_token:
+            tokens = insert_middle(tokens, self.cls_token.expand(tokens.shape[0], -1, -1))
+        # the residual stream is float32 even under autocast (float64 models stay float64)
+        stream_dtype = torch.promote_types(self.pos_embed.dtype, torch.float32)
+        stream = self.pos_drop(tokens + self.position_embedding(grid)).to(stream_dtype)
+        rope = None
+        if self.rope is not None:
+            cos, sin = self.rope.cos_sin(grid, x.device)
+            if self.with_cls_token:  # the class token is not rotated
+                cos = insert_middle(cos[None], cos.new_ones(1, 1, cos.shape[-1]))[0]
+                sin = insert_middle(sin[None], sin.new_zeros(1, 1, sin.shape[-1]))[0]
+            rope = (cos, sin)
+
+        outs = []
+        last = self.num_layers - 1
+        for index, layer in enumerate(self.layers):
+            if self.with_cp and self.training and stream.requires_grad:
+                stream = cp.checkpoint(layer, stream, rope, use_reentrant=False)
+            else:
+                stream = layer(stream, rope)
+            if index in self.out_indices:
+                feat = self.norm_f(stream) if (index == last and self.final_norm) else stream
+                outs.append(self._format_output(feat, grid))
+        return tuple(outs)
+
+    def _format_output(self, feat, grid):
+        if self.out_type == 'raw':
+            return feat
+        if self.out_type == 'cls_token':
+            return feat[:, (feat.shape[1] - 1) // 2]
+        if self.with_cls_token:
+            mid = (feat.shape[1] - 1) // 2
+            feat = torch.cat([feat[:, :mid], feat[:, mid + 1:]], dim=1)
+        return feat.transpose(1, 2).reshape(feat.shape[0], -1, *grid).contiguous()

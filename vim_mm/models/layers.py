@@ -1,0 +1,137 @@
+"""Small building blocks of Vim: RMSNorm, DropPath, patch embedding, position-grid helpers, RoPE."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in at least float32 (the residual stream is float32), no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x32.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (drops the whole branch output)."""
+
+    def __init__(self, drop_prob: float = 0.):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0. or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self):
+        return f'drop_prob={self.drop_prob}'
+
+
+def to_2tuple(value) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    value = tuple(value)
+    if len(value) != 2:
+        raise ValueError(f'Expected an int or a pair, got {value!r}')
+    return int(value[0]), int(value[1])
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch embedding with kernel ``patch_size`` and ``stride`` (8 = long-sequence models).
+
+    Inputs whose size does not fit the stride are zero-padded at the bottom/right, so any H x W
+    >= one patch works.
+    """
+
+    def __init__(self, patch_size=16, stride=16, in_channels=3, embed_dims=192):
+        super().__init__()
+        self.patch_size = to_2tuple(patch_size)
+        self.stride = to_2tuple(stride)
+        self.proj = nn.Conv2d(in_channels, embed_dims, self.patch_size, self.stride)
+
+    def grid_size(self, hw) -> tuple[int, int]:
+        """Token grid for an input of size ``hw`` (after padding)."""
+        return tuple(max(math.ceil((s - k) / t), 0) + 1
+                     for s, k, t in zip(hw, self.patch_size, self.stride))
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != self.proj.in_channels:
+            raise ValueError(f'VisionMamba expects images of shape (B, {self.proj.in_channels}, H, W), '
+                             f'got {tuple(x.shape)}')
+        grid = self.grid_size(x.shape[-2:])
+        pad_h, pad_w = ((g - 1) * t + k - s for g, t, k, s in
+                        zip(grid, self.stride, self.patch_size, x.shape[-2:]))
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), grid
+
+
+def resize_pos_grid(pos: torch.Tensor, src_grid, dst_grid, mode: str = 'bicubic') -> torch.Tensor:
+    """Resize a (1, h*w, C) position grid to ``dst_grid`` (float32 interpolation)."""
+    src_grid, dst_grid = tuple(src_grid), tuple(dst_grid)
+    if src_grid == dst_grid:
+        return pos
+    if pos.shape[1] != src_grid[0] * src_grid[1]:
+        raise ValueError(f'Position grid has {pos.shape[1]} entries, expected {src_grid[0]}x{src_grid[1]}')
+    grid = pos.reshape(1, *src_grid, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=dst_grid, mode=mode, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, dst_grid[0] * dst_grid[1], -1).to(pos.dtype)
+
+
+def insert_middle(tokens: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Insert ``token`` (B, 1, C) at index M // 2 of ``tokens`` (B, M, C), as Vim does."""
+    mid = tokens.shape[1] // 2
+    return torch.cat([tokens[:, :mid], token, tokens[:, mid:]], dim=1)
+
+
+def split_middle(pos: torch.Tensor):
+    """Inverse of :func:`insert_middle` for a (1, M + 1, C) tensor: (grid part, middle slot)."""
+    mid = (pos.shape[1] - 1) // 2
+    return torch.cat([pos[:, :mid], pos[:, mid + 1:]], dim=1), pos[:, mid:mid + 1]
+
+
+class VisionRotaryEmbedding(nn.Module):
+    """2-D axial rotary embedding of the hidden states (EVA style), computed for any grid.
+
+    Half of the channels rotate with the row index, half with the column index; positions are
+    measured in units of the pretraining grid so a larger input keeps the same frequencies.
+    """
+
+    def __init__(self, dim: int, pretrain_grid, theta: float = 10000.):
+        super().__init__()
+        if dim % 4:
+            raise ValueError(f'RoPE needs embed_dims divisible by 4, got {dim}')
+        half = dim // 2
+        self.pretrain_grid = to_2tuple(pretrain_grid)
+        self.register_buffer('inv_freq', 1. / theta ** (torch.arange(0, half, 2).float() / half),
+                             persistent=False)
+
+    def cos_sin(self, grid, device):
+        axes = []
+        for n, n0 in zip(grid, self.pretrain_grid):
+            t = torch.arange(n, device=device, dtype=torch.float32) / n * n0
+            f = torch.outer(t, self.inv_freq.to(device)).repeat_interleave(2, dim=-1)
+            axes.append(f)
+        rows = axes[0][:, None, :].expand(grid[0], grid[1], -1)
+        cols = axes[1][None, :, :].expand(grid[0], grid[1], -1)
+        freqs = torch.cat([rows, cols], dim=-1).reshape(grid[0] * grid[1], -1)
+        return freqs.cos(), freqs.sin()
+
+    @staticmethod
+    def rotate(x, cos, sin):
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        return x * cos + rotated * sin

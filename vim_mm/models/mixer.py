@@ -1,0 +1,78 @@
+"""The bidirectional Mamba mixer of Vim ("bimamba v2"), with its fast and reference paths.
+
+``in_proj`` gives x and z; the forward branch scans the sequence left to right, the backward
+branch scans the same x and z reversed with its own conv1d/x_proj/dt_proj/A/D, and
+``out_proj`` reads the average of the two gated outputs (``if_divide_out=True`` in the release).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import bimamba_inner_cuda, mamba_inner_torch, resolve_backend
+
+
+class BiMambaMixer(nn.Module):
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank='auto', dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4,
+                 backend: str | None = None):
+        super().__init__()
+        self.d_model, self.d_state = d_model, d_state
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == 'auto' else dt_rank
+        self.backend = backend
+        self.dt_init = (dt_min, dt_max, dt_init_floor)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        for suffix in ('', '_b'):
+            self.add_module('conv1d' + suffix, nn.Conv1d(self.d_inner, self.d_inner, d_conv,
+                                                         groups=self.d_inner, padding=d_conv - 1))
+            self.add_module('x_proj' + suffix,
+                            nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False))
+            self.add_module('dt_proj' + suffix, nn.Linear(self.dt_rank, self.d_inner, bias=True))
+            self.register_parameter('A' + suffix + '_log' if suffix else 'A_log',
+                                    nn.Parameter(torch.empty(self.d_inner, d_state)))
+            self.register_parameter('D' + suffix, nn.Parameter(torch.empty(self.d_inner)))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Mamba's init: S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max] via the bias."""
+        dt_min, dt_max, floor = self.dt_init
+        std = self.dt_rank ** -0.5
+        for suffix in ('', '_b'):
+            dt_proj = getattr(self, 'dt_proj' + suffix)
+            nn.init.uniform_(dt_proj.weight, -std, std)
+            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min))
+                           + math.log(dt_min)).clamp(min=floor)
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            A = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+            getattr(self, 'A_b_log' if suffix else 'A_log').copy_(torch.log(A))
+            getattr(self, 'D' + suffix).fill_(1.)
+
+    def direction_params(self, suffix: str) -> dict:
+        return dict(conv_w=getattr(self, 'conv1d' + suffix).weight,
+                    conv_b=getattr(self, 'conv1d' + suffix).bias,
+                    x_proj_w=getattr(self, 'x_proj' + suffix).weight,
+                    dt_proj_w=getattr(self, 'dt_proj' + suffix).weight,
+                    dt_bias=getattr(self, 'dt_proj' + suffix).bias,
+                    A=-torch.exp(self.A_b_log if suffix else self.A_log),
+                    D=getattr(self, 'D' + suffix))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model)."""
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
+        fwd, bwd = self.direction_params(''), self.direction_params('_b')
+        if resolve_backend(self.backend, hidden_states.device.type) == 'cuda':
+            return bimamba_inner_cuda(xz, fwd, bwd, self.out_proj.weight, self.out_proj.bias)
+        return self.forward_torch(xz, fwd, bwd)
+
+    def forward_torch(self, xz, fwd, bwd):
+        x, z = xz.chunk(2, dim=1)
+        y = mamba_inner_torch(x, z, *fwd.values())
+        y_b = mamba_inner_torch(x.flip(-1), z.flip(-1), *bwd.values()).flip(-1)
+        return F.linear(((y + y_b) / 2).transpose(1, 2), self.out_proj.weight, self.out_proj.bias)

@@ -1,0 +1,50 @@
+"""Which implementation runs the mixer: mamba-ssm CUDA kernels or the PyTorch twin.
+
+``auto`` (the default) takes the CUDA kernels for CUDA tensors when they import, else PyTorch.
+Force a path with the ``backend`` argument of the model or the ``VIM_MM_BACKEND`` environment
+variable (``auto``, ``cuda``, ``torch``); asking for ``cuda`` where it cannot run is an error,
+never a silent fallback. Each resolved choice is logged once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from .cuda_ops import CUDA_IMPORT_ERROR, CUDA_KERNELS_AVAILABLE
+
+BACKENDS = ('auto', 'cuda', 'torch')
+ENV_VAR = 'VIM_MM_BACKEND'
+logger = logging.getLogger('vim_mm')
+_announced: set = set()
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for: the explicit argument, else $VIM_MM_BACKEND, else 'auto'."""
+    choice = (backend or os.environ.get(ENV_VAR) or 'auto').lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"Unknown Vim backend {choice!r} (from {'argument' if backend else ENV_VAR}); "
+                         f'choose one of {BACKENDS}.')
+    return choice
+
+
+def resolve_backend(backend: str | None, device_type: str) -> str:
+    """The backend that will run for tensors on ``device_type``."""
+    choice = requested_backend(backend)
+    if choice == 'auto':
+        choice = 'cuda' if device_type == 'cuda' and CUDA_KERNELS_AVAILABLE else 'torch'
+    elif choice == 'cuda':
+        if not CUDA_KERNELS_AVAILABLE:
+            raise RuntimeError(
+                'Vim backend "cuda" was requested but the kernels do not import '
+                f'({CUDA_IMPORT_ERROR!r}). Install them with `pip install -e .[cuda]` '
+                f'(needs a CUDA toolchain), or use backend="torch" / {ENV_VAR}=torch.')
+        if device_type != 'cuda':
+            raise RuntimeError(f'Vim backend "cuda" needs CUDA tensors, got {device_type} ones; '
+                               'move the model to a GPU or use backend="torch".')
+    key = (choice, device_type)
+    if key not in _announced:
+        _announced.add(key)
+        logger.info('vim_mm: bidirectional Mamba mixer runs on the %s path for %s tensors',
+                    'mamba-ssm/causal-conv1d CUDA kernel' if choice == 'cuda' else 'PyTorch',
+                    device_type)
+    return choice
