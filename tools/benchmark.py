@@ -1,0 +1,179 @@
+"""Throughput and peak memory of Vim vs DeiT backbones across resolutions (the paper's Fig. 1/3/4).
+
+    python tools/benchmark.py --models vim-t deit-t deit-t-plain --res 224 512 1024 1248 2048 \
+        --batch 128 32 16 16 4 --mode infer train --dtype bf16 --out benchmarks/results/h100.json
+
+Models: vim-t / vim-s (ours; ``--backend`` picks the mixer path), deit-t / deit-s (mmpretrain
+VisionTransformer, fused SDPA attention) and deit-t-plain / deit-s-plain (the same with plain
+matmul-softmax attention, as in the paper's comparison). ``--neck`` adds the SimpleFPN neck.
+Timing: warm-up, then CUDA events around each step (host clock on CPU), median of repeats;
+an out-of-memory is recorded as "OOM". Writes JSON (and a PNG plot with --plot).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os.path as osp
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+VIM = {'vim-t': 'tiny', 'vim-s': 'small', 'vim-b': 'base'}
+DEIT = {'deit-t': 'deit-tiny', 'deit-s': 'deit-small', 'deit-b': 'deit-base'}
+
+
+def build(name: str, res: int, backend: str | None, neck: bool):
+    base = name.replace('-plain', '')
+    if base in VIM:
+        from vim_mm import VisionMamba
+        model = VisionMamba(VIM[base], img_size=res, backend=backend)
+        dims = model.embed_dims
+    elif base in DEIT:
+        from mmpretrain.models import VisionTransformer
+        model = VisionTransformer(arch=DEIT[base], img_size=res, patch_size=16,
+                                  out_type='featmap', with_cls_token=True)
+        dims = model.embed_dims
+        if name.endswith('-plain'):
+            from mmpretrain.models.utils.attention import scaled_dot_product_attention_pyimpl
+            for module in model.modules():
+                if hasattr(module, 'scaled_dot_product_attention'):
+                    module.scaled_dot_product_attention = scaled_dot_product_attention_pyimpl
+    else:
+        raise SystemExit(f'unknown model {name!r}; choose from {sorted(VIM) + sorted(DEIT)} (+ -plain for DeiT)')
+    if neck:
+        from vim_mm.mm.necks import SimpleFPN
+        model = torch.nn.Sequential(model, SimpleFPN(dims, 256, num_outs=5, norm_cfg=dict(type='LN2d')))
+    return model
+
+
+def timed(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == 'cuda':
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(name, res, batch, mode, dtype, device, args):
+    model = build(name, res, args.backend, args.neck).to(device)
+    images = torch.randn(batch, 3, res, res, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.no_grad(), autocast:
+                model(images)
+    else:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step():
+            with autocast:
+                out = model(images)
+            loss = sum(o.float().mean() for o in (out if isinstance(out, (tuple, list)) else [out]))
+            loss.backward()
+            for p in params:
+                p.grad = None
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(step, device, args.warmup, args.repeats)
+    row = dict(model=name, res=res, batch=batch, mode=mode, seconds=seconds,
+               img_per_s=batch / seconds)
+    if device.type == 'cuda':
+        row['peak_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
+    if name in VIM or name.replace('-plain', '') in VIM:
+        row['backend'] = model[0].active_backend if args.neck else model.active_backend
+    return row
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    modes = sorted({r['mode'] for r in rows})
+    fig, axes = plt.subplots(len(modes), 2, figsize=(11, 4 * len(modes)), squeeze=False)
+    for i, mode in enumerate(modes):
+        for name in dict.fromkeys(r['model'] for r in rows):
+            pts = [r for r in rows if r['model'] == name and r['mode'] == mode and 'img_per_s' in r]
+            if not pts:
+                continue
+            axes[i][0].plot([r['res'] for r in pts], [r['img_per_s'] for r in pts], 'o-', label=name)
+            if 'peak_mem_gb' in pts[0]:
+                axes[i][1].plot([r['res'] for r in pts], [r['peak_mem_gb'] for r in pts], 'o-', label=name)
+        axes[i][0].set(title=f'{mode}: throughput', xlabel='resolution', ylabel='img/s', yscale='log')
+        axes[i][1].set(title=f'{mode}: peak memory', xlabel='resolution', ylabel='GB')
+        axes[i][0].legend()
+        axes[i][1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['vim-t', 'deit-t', 'deit-t-plain'])
+    parser.add_argument('--res', nargs='+', type=int, default=[224, 512, 1024])
+    parser.add_argument('--batch', nargs='+', type=int, default=[16],
+                        help='one batch size, or one per resolution')
+    parser.add_argument('--mode', nargs='+', choices=['infer', 'train'], default=['infer'])
+    parser.add_argument('--dtype', choices=['bf16', 'fp16', 'fp32'], default='bf16')
+    parser.add_argument('--backend', default=None, help='Vim mixer path: auto, cuda, torch')
+    parser.add_argument('--neck', action='store_true', help='backbone + SimpleFPN neck')
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=10)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--out', help='JSON file for the results')
+    parser.add_argument('--plot', help='PNG file for the plot')
+    args = parser.parse_args()
+    if len(args.batch) not in (1, len(args.res)):
+        parser.error('--batch takes one value or one per --res')
+    batches = args.batch * len(args.res) if len(args.batch) == 1 else args.batch
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
+    device = torch.device(args.device)
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+    import vim_mm  # noqa: F401  (registers; logs the mixer path)
+
+    rows = []
+    for mode in args.mode:
+        for res, batch in zip(args.res, batches):
+            for name in args.models:
+                try:
+                    row = measure(name, res, batch, mode, dtype, device, args)
+                except torch.OutOfMemoryError:
+                    row = dict(model=name, res=res, batch=batch, mode=mode, result='OOM')
+                rows.append(row)
+                shown = (f"{row['img_per_s']:9.1f} img/s" if 'img_per_s' in row else '      OOM')
+                mem = f"  {row['peak_mem_gb']:6.2f} GB" if 'peak_mem_gb' in row else ''
+                print(f'{mode:5s} {name:14s} {res:5d} b{batch:<4d} {shown}{mem}', flush=True)
+                if device.type == 'cuda':
+                    torch.cuda.empty_cache()
+    meta = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu',
+                torch=torch.__version__, dtype=args.dtype, command=' '.join(sys.argv),
+                threads=torch.get_num_threads())
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(dict(meta=meta, results=rows), f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == '__main__':
+    main()
