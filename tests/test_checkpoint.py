@@ -155,3 +155,26 @@ def test_load_state_dict_accepts_other_grid(authors_file):
     result = model.load_state_dict(sd, strict=False)
     assert result.missing_keys == [] and result.unexpected_keys == []
     assert model.pos_embed.shape == (1, 17, 32)
+
+
+def test_convert_tool_writes_a_loadable_dense_checkpoint(authors_file, tmp_path):
+    import subprocess
+    import sys
+    path, sd = authors_file
+    dst = tmp_path / 'dense.pth'
+    tool = __import__('pathlib').Path(__file__).parents[1] / 'tools' / 'convert_vim_checkpoint.py'
+    # the tool builds a preset; emulate the tiny arch through a preset-sized checkpoint
+    full = authors_state_dict(embed_dims=64, depth=4, d_state=8, grid=3, num_classes=10)
+    save_authors_checkpoint(path, full)
+    proc = subprocess.run([sys.executable, str(tool), str(path), str(dst), '--arch', 'demo',
+                           '--img-size', '64', '80'], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    saved = torch.load(dst, weights_only=True)
+    assert saved['meta']['with_cls_token'] is False
+    assert saved['state_dict']['pos_embed'].shape == (1, 4 * 5, 64)
+    model = VisionMamba('demo', img_size=(64, 80))
+    model.load_state_dict(saved["state_dict"], strict=True)
+    torch.testing.assert_close(model.layers[3].mixer.D_b.data, full['layers.3.mixer.D_b'])
+    bad = subprocess.run([sys.executable, str(tool), str(tmp_path / 'nope.pth'), str(dst)],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and 'not found' in bad.stderr
