@@ -2,7 +2,7 @@
 
 Same math and argument layout as mamba-ssm's ``selective_scan_cuda`` and causal-conv1d, written
 with whole-tensor operations so it runs (and differentiates) on any device. The recurrence
-``h_t = a_t * h_{t-1} + b_t`` is solved by a chunked scan (:func:`linear_recurrence`): about
+``h_t = a_t * h_{t-1} + b_t`` is solved by a chunked scan (:func:`_chunked_scan`): about
 ``2 sqrt(L)`` vectorised steps instead of a Python loop over the L tokens.
 """
 from __future__ import annotations
@@ -15,44 +15,70 @@ import torch.nn.functional as F
 __all__ = ['linear_recurrence', 'selective_scan_torch', 'causal_conv1d_torch', 'mamba_inner_torch']
 
 
+def chunk_length(length: int) -> int:
+    """Chunk size of the scan: about sqrt(L) balances its two sequential loops."""
+    return max(1, math.isqrt(max(length - 1, 0)) + 1)
+
+
+def _chunked_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The recurrence on tensors laid out (T, C, ...): position in chunk, chunk, rest.
+
+    Token ``c * T + t`` sits at ``[t, c]``, so every step reads and writes contiguous slabs:
+    pass 1 walks the T positions of all chunks at once (local states, decays since the chunk
+    start), pass 2 the C chunk boundaries (state entering each chunk), and a broadcast
+    multiply-add adds each chunk's incoming state. Without autograd it works in place.
+    """
+    T, C = a.shape[:2]
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        states, decays = [b[0]], [a[0]]
+        for t in range(1, T):
+            states.append(torch.addcmul(b[t], a[t], states[-1]))
+            decays.append(decays[-1] * a[t])
+        local, decay = torch.stack(states), torch.stack(decays)
+        carries = [torch.zeros_like(b[0, 0])]
+        for c in range(1, C):
+            carries.append(torch.addcmul(local[-1, c - 1], decay[-1, c - 1], carries[-1]))
+        return torch.addcmul(local, decay, torch.stack(carries))
+    local, decay = torch.empty_like(b), torch.empty_like(a)
+    local[0], decay[0] = b[0], a[0]
+    for t in range(1, T):
+        torch.addcmul(b[t], a[t], local[t - 1], out=local[t])
+        torch.mul(decay[t - 1], a[t], out=decay[t])
+    carries = torch.zeros_like(b[0])
+    for c in range(1, C):
+        torch.addcmul(local[-1, c - 1], decay[-1, c - 1], carries[c - 1], out=carries[c])
+    return local.addcmul_(decay, carries)
+
+
+def _to_chunks(x: torch.Tensor, T: int, pad_value: float = 0.) -> torch.Tensor:
+    """(..., L) -> (T, C, ...), padded to C * T with ``pad_value``; token c * T + t at [t, c]."""
+    length = x.shape[-1]
+    C = -(-length // T)
+    x = F.pad(x, (0, C * T - length), value=pad_value)
+    x = x.reshape(*x.shape[:-1], C, T)
+    # contiguous, so the big tensors built from these inherit the (T, C, ...) memory layout
+    return x.permute(x.dim() - 1, x.dim() - 2, *range(x.dim() - 2)).contiguous()
+
+
+def _from_chunks(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of :func:`_to_chunks`: (T, C, ...) -> (..., L)."""
+    x = x.permute(*range(2, x.dim()), 1, 0)
+    return x.reshape(*x.shape[:-2], -1)[..., :length]
+
+
 def linear_recurrence(a: torch.Tensor, b: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Return ``h`` with ``h_t = a_t * h_{t-1} + b_t`` along dim 0 and ``h_{-1} = 0``.
 
-    Two-level chunked scan: the sequence is cut into ``C`` chunks of ``T ~ sqrt(L)`` steps; one
-    pass walks the ``T`` positions of all chunks at once, a second walks the ``C`` chunk
-    boundaries, and a last vectorised correction adds each chunk's incoming state scaled by the
-    decays inside the chunk. ``O(sqrt L)`` Python steps in all, each over ``~sqrt L`` tokens, and
-    only products of decays in (0, 1], so it is as stable as the plain loop.
+    Chunked scan in ``O(sqrt L)`` vectorised steps (:func:`_chunked_scan`); it multiplies only
+    decays, so it is as stable as the plain loop. Padding steps are identities (a=1, b=0).
     """
     length = a.shape[0]
     if length == 0:
         return b
     T = chunk or chunk_length(length)
-    C = -(-length // T)
-    pad = C * T - length
-    if pad:  # identity steps at the end (callers avoid this copy by padding their inputs)
-        a = torch.cat([a, a.new_ones((pad,) + a.shape[1:])])
-        b = torch.cat([b, b.new_zeros((pad,) + b.shape[1:])])
-    a = a.reshape(C, T, *a.shape[1:])
-    b = b.reshape(C, T, *b.shape[1:])
-    local = torch.empty_like(b)
-    state = local[:, 0] = b[:, 0]
-    for t in range(1, T):  # within every chunk at once
-        state = torch.addcmul(b[:, t], a[:, t], state)
-        local[:, t] = state
-    decay = torch.cumprod(a, dim=1)  # decay from each chunk's start to position t
-    carry = torch.zeros_like(b[0, 0])
-    carries = [carry]  # state entering each chunk
-    for c in range(1, C):  # across chunk boundaries
-        carry = torch.addcmul(local[c - 1, -1], decay[c - 1, -1], carry)
-        carries.append(carry)
-    h = torch.addcmul(local, decay, torch.stack(carries).unsqueeze(1))
-    return h.reshape(C * T, *h.shape[2:])[:length]
-
-
-def chunk_length(length: int) -> int:
-    """Chunk size of :func:`linear_recurrence`: about sqrt(L) balances its two loops."""
-    return max(1, math.isqrt(max(length - 1, 0)) + 1)
+    a_c = _to_chunks(a.movedim(0, -1), T, pad_value=1.)
+    b_c = _to_chunks(b.movedim(0, -1), T)
+    return _from_chunks(_chunked_scan(a_c, b_c), length).movedim(-1, 0)
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -75,17 +101,13 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if delta_softplus:
         delta = F.softplus(delta)
     length = u.shape[-1]
-    pad = -length % chunk_length(length)
-    if pad:  # identity steps (delta = 0) so the scan needs no padded copy of its big inputs
-        delta_s, u_s, B_s = (F.pad(t, (0, pad)) for t in (delta, u, B))
-    else:
-        delta_s, u_s, B_s = delta, u, B
-    # time-major (L, batch, dim, N): decay and input of the recurrence for every state channel
-    delta_t = delta_s.permute(2, 0, 1).unsqueeze(-1)
-    decay = torch.exp(delta_t * A)
-    drive = (delta_t * u_s.permute(2, 0, 1).unsqueeze(-1)) * B_s.permute(2, 0, 1).unsqueeze(2)
-    states = linear_recurrence(decay, drive)[:length]
-    y = torch.einsum('lbdn,bnl->bdl', states, C)
+    T = chunk_length(length)
+    # chunk layout (T, C, batch, dim[, N]); padded steps have delta = 0: decay 1, no input
+    delta_c, u_c = _to_chunks(delta, T), _to_chunks(u, T)
+    decay = torch.exp(delta_c.unsqueeze(-1) * A)
+    drive = (delta_c * u_c).unsqueeze(-1) * _to_chunks(B, T).unsqueeze(-2)
+    states = _chunked_scan(decay, drive)  # (T, C, batch, dim, N)
+    y = _from_chunks(torch.einsum('tcbdn,tcbn->tcbd', states, _to_chunks(C, T)), length)
     if D is not None:
         y = y + D.to(work)[:, None] * u
     if z is not None:
