@@ -57,8 +57,9 @@ if ! have mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 
   "$PY" -m pip install -q $MM_PINS pycocotools pytest
 fi
 
-if ! "$PY" -c 'import vim_mm' 2>/dev/null || [ "$("$PY" -c 'import vim_mm,os;print(os.path.dirname(os.path.dirname(vim_mm.__file__)))' 2>/dev/null)" != "$PWD" ]; then
+VIM_HOME=$("$PY" -c 'import importlib.util as u, os; s = u.find_spec("vim_mm"); print(os.path.dirname(os.path.dirname(s.origin)) if s else "")' 2>/dev/null || true)
+if [ "$VIM_HOME" != "$PWD" ]; then
   log "installing vim_mm (editable) from $PWD"
   "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 fi
-log "ready: torch $TORCH_VER, $("$PY" -c 'import mmcv,mmdet,mmseg,mmpretrain;print("mmcv",mmcv.__version__,"mmdet",mmdet.__version__,"mmseg",mmseg.__version__,"mmpretrain",mmpretrain.__version__)')"
+log "ready: $("$PY" -c 'from importlib.metadata import version as v; print(", ".join(f"{p} {v(p)}" for p in ("torch", "mmcv", "mmengine", "mmdet", "mmsegmentation", "mmpretrain")))')"
