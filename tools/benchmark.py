@@ -3,7 +3,8 @@
     python tools/benchmark.py --models vim-t deit-t deit-t-plain --res 224 512 1024 1248 2048 \
         --batch 128 32 16 16 4 --mode infer train --dtype bf16 --out benchmarks/results/h100.json
 
-Models: vim-t / vim-s (ours; ``--backend`` picks the mixer path), deit-t / deit-s (mmpretrain
+Models: vim-t / vim-s (ours; ``--backend`` or a suffix such as ``vim-t@triton`` picks the mixer
+path: auto, cuda = mamba-ssm kernels, triton = fused scan, torch), deit-t / deit-s (mmpretrain
 VisionTransformer, fused SDPA attention) and deit-t-plain / deit-s-plain (the same with plain
 matmul-softmax attention, as in the paper's comparison). ``--neck`` adds the SimpleFPN neck.
 Timing: warm-up, then CUDA events around each step (host clock on CPU), median of repeats;
@@ -28,7 +29,8 @@ DEIT = {'deit-t': 'deit-tiny', 'deit-s': 'deit-small', 'deit-b': 'deit-base'}
 
 
 def build(name: str, res: int, backend: str | None, neck: bool):
-    base = name.replace('-plain', '')
+    base, _, forced = name.replace('-plain', '').partition('@')  # vim-t@triton: mixer path
+    backend = forced or backend
     if base in VIM:
         from vim_mm import VisionMamba
         model = VisionMamba(VIM[base], img_size=res, backend=backend)
@@ -99,7 +101,7 @@ def measure(name, res, batch, mode, dtype, device, args):
                img_per_s=batch / seconds)
     if device.type == 'cuda':
         row['peak_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
-    if name in VIM or name.replace('-plain', '') in VIM:
+    if name.partition('@')[0] in VIM:
         row['backend'] = model[0].active_backend if args.neck else model.active_backend
     return row
 

@@ -67,8 +67,11 @@ class BiMambaMixer(nn.Module):
         """(B, L, d_model) -> (B, L, d_model)."""
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
         fwd, bwd = self.direction_params(''), self.direction_params('_b')
-        if resolve_backend(self.backend, hidden_states.device.type) == 'cuda':
+        backend = resolve_backend(self.backend, hidden_states.device.type)
+        if backend == 'cuda':
             return bimamba_inner_cuda(xz, fwd, bwd, self.out_proj.weight, self.out_proj.bias)
+        if backend == 'triton':
+            return self.forward_triton(xz, fwd, bwd)
         return self.forward_torch(xz, fwd, bwd)
 
     def forward_torch(self, xz, fwd, bwd):
@@ -76,3 +79,22 @@ class BiMambaMixer(nn.Module):
         y = mamba_inner_torch(x, z, *fwd.values())
         y_b = mamba_inner_torch(x.flip(-1), z.flip(-1), *bwd.values()).flip(-1)
         return F.linear(((y + y_b) / 2).transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
+
+    def forward_triton(self, xz, fwd, bwd):
+        """No flips: the backward branch's causal conv on the reversed sequence is an
+        anti-causal conv with mirrored taps, and the fused scan runs it right to left."""
+        from ..ops.triton_scan import bidirectional_selective_scan
+        x, z = xz.chunk(2, dim=1)
+        width = fwd['conv_w'].shape[-1]
+        dirs = []
+        for params, pad, taps in ((fwd, (width - 1, 0), fwd['conv_w']),
+                                  (bwd, (0, width - 1), bwd['conv_w'].flip(-1))):
+            u = F.silu(F.conv1d(F.pad(x, pad), taps.to(x.dtype), params['conv_b'].to(x.dtype),
+                                groups=x.shape[1]))
+            x_dbl = F.linear(u.transpose(1, 2), params['x_proj_w'])  # (B, L, R + 2N)
+            dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            delta = torch.matmul(params['dt_proj_w'].to(dt.dtype), dt.transpose(1, 2))
+            dirs += [u, delta, params['A'], B.transpose(1, 2), C.transpose(1, 2),
+                     params['D'].float(), params['dt_bias'].float()]
+        y = bidirectional_selective_scan(*dirs, z)
+        return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)

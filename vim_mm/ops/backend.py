@@ -1,8 +1,9 @@
 """Which implementation runs the mixer: mamba-ssm CUDA kernels or the PyTorch twin.
 
-``auto`` (the default) takes the CUDA kernels for CUDA tensors when they import, else PyTorch.
-Force a path with the ``backend`` argument of the model or the ``VIM_MM_BACKEND`` environment
-variable (``auto``, ``cuda``, ``torch``); asking for ``cuda`` where it cannot run is an error,
+``auto`` (the default) takes the mamba-ssm CUDA kernels for CUDA tensors when they import, else
+PyTorch. ``triton`` is the fused bidirectional scan (vim_mm/ops/triton_scan.py; opt-in until it
+beats mamba-ssm). Force a path with the ``backend`` argument of the model or the
+``VIM_MM_BACKEND`` environment variable; asking for a path where it cannot run is an error,
 never a silent fallback. Each resolved choice is logged once.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 
 from .cuda_ops import CUDA_IMPORT_ERROR, CUDA_KERNELS_AVAILABLE
 
-BACKENDS = ('auto', 'cuda', 'torch')
+BACKENDS = ('auto', 'cuda', 'triton', 'torch')
 ENV_VAR = 'VIM_MM_BACKEND'
 logger = logging.getLogger('vim_mm')
 _announced: set = set()
@@ -41,10 +42,16 @@ def resolve_backend(backend: str | None, device_type: str) -> str:
         if device_type != 'cuda':
             raise RuntimeError(f'Vim backend "cuda" needs CUDA tensors, got {device_type} ones; '
                                'move the model to a GPU or use backend="torch".')
+    elif choice == 'triton':
+        from .triton_scan import INTERPRET, TRITON_SCAN_AVAILABLE
+        if not TRITON_SCAN_AVAILABLE or (device_type != 'cuda' and not INTERPRET):
+            raise RuntimeError('Vim backend "triton" needs triton and CUDA tensors (or '
+                               'TRITON_INTERPRET=1 for CPU tests); use backend="auto".')
     key = (choice, device_type)
     if key not in _announced:
         _announced.add(key)
         logger.info('vim_mm: bidirectional Mamba mixer runs on the %s path for %s tensors',
-                    'mamba-ssm/causal-conv1d CUDA kernel' if choice == 'cuda' else 'PyTorch',
+                    {'cuda': 'mamba-ssm/causal-conv1d CUDA kernel', 'triton': 'fused Triton scan',
+                     'torch': 'PyTorch'}[choice],
                     device_type)
     return choice
