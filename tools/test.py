@@ -41,6 +41,9 @@ def main():
     backbone = cfg.model.get('backbone', {})
     if isinstance(backbone, dict) and backbone.get('init_cfg'):
         backbone['init_cfg'] = None
+    # EMA is a training-time hook: our checkpoints already hold the averaged weights under
+    # 'state_dict', and on other files (the authors') mmpretrain's EMAHook raises KeyError
+    cfg.custom_hooks = [h for h in cfg.get('custom_hooks', []) if h.get('type') != 'EMAHook']
     if args.show_dir:
         setup_visualization(cfg, args.show_dir)
     check_data(cfg, ('test_dataloader',))

@@ -20,10 +20,13 @@ def find_layer_depth_owner(model):
     backbone = getattr(model, 'backbone', None)
     if backbone is not None and hasattr(backbone, 'get_layer_depth'):
         return backbone, 'backbone.'
-    if hasattr(model, 'get_layer_depth') and hasattr(model, 'no_weight_decay'):
+    if hasattr(model, 'get_layer_depth'):
         return model, ''
-    raise TypeError(f'{type(model).__name__} has no backbone with get_layer_depth(); '
-                    'VimLayerDecayOptimWrapperConstructor needs a VisionMamba backbone.')
+    return None, ''
+
+
+def _flat_depth(name, prefix=''):
+    return 0, 1
 
 
 class VimLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
@@ -36,12 +39,24 @@ class VimLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             raise ValueError(f'Unknown paramwise_cfg keys {sorted(unknown)} for '
                              'VimLayerDecayOptimWrapperConstructor (accepts layer_decay_rate).')
         owner, prefix = find_layer_depth_owner(module)
-        no_decay = {prefix + name for name in owner.no_weight_decay()}
+        if owner is None:
+            if rate != 1.0:
+                raise TypeError(f'{type(module).__name__} has no backbone with get_layer_depth(); '
+                                'layer_decay_rate != 1 needs one (VisionMamba has it).')
+            owner = getattr(module, 'backbone', module)
+            prefix = 'backbone.' if owner is not module else ''
+        get_depth = getattr(owner, 'get_layer_depth', _flat_depth)
+        if hasattr(owner, 'no_weight_decay'):
+            exempt = owner.no_weight_decay()
+        else:  # e.g. a ViT baseline: exempt its embeddings like timm does
+            exempt = {n for n, _ in owner.named_parameters()
+                      if n.split('.')[-1] in ('pos_embed', 'cls_token')}
+        no_decay = {prefix + name for name in exempt}
         groups = {}
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
-            depth, num = owner.get_layer_depth(name, prefix)
+            depth, num = get_depth(name, prefix)
             scale = rate ** (num - 1 - depth)
             decay = param.ndim > 1 and name not in no_decay
             key = (depth, decay)
