@@ -50,6 +50,8 @@ def main():
 
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+    from vim_mm.mm.distributed import prepare_cpu_distributed
+    prepare_cpu_distributed(cfg)  # multi-process on CPU (gloo); no-op with CUDA
     runner = (Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg))
     metrics = runner.test()
     print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})

@@ -11,4 +11,4 @@ register_everywhere('MODELS', VisionMamba)
 
 from . import necks, optim  # noqa: E402,F401
 from . import classifier  # noqa: E402,F401
-from . import datasets  # noqa: E402,F401
+from . import datasets, distributed  # noqa: E402,F401
