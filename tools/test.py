@@ -54,7 +54,7 @@ def main():
     prepare_cpu_distributed(cfg)  # multi-process on CPU (gloo); no-op with CUDA
     runner = (Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg))
     metrics = runner.test()
-    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()})
+    print({k: round(float(v), 4) if hasattr(v, '__float__') else v for k, v in metrics.items()})
 
 
 if __name__ == '__main__':
