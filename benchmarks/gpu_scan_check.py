@@ -11,7 +11,9 @@
 (c) everything goes to the JSON file named by --out.
 
 Run: python benchmarks/gpu_scan_check.py --out scan.json [--sweep] [--shapes 16x6084 ...]
-mamba-ssm is optional (its columns are then null); --sweep also times a few tile configs.
+       [--configs '{"step_l": 2}' ...] [--sweep-shapes 16x6084 128x197]
+mamba-ssm is optional (its columns are then null); --sweep also times a few tile configs
+(``SWEEP``), --configs the given ones (ScanConfig fields as JSON), on --sweep-shapes (bf16).
 """
 from __future__ import annotations
 
@@ -43,9 +45,9 @@ SHAPES = [(128, 197), (16, 4096), (16, 6084), (4, 16384), (1, 1000)]
 NAMES = [f'{n}_{d}' for d in ('f', 'b') for n in ('u', 'delta', 'A', 'B', 'C', 'D', 'bias')]
 NAMES.append('z')
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
-SWEEP = [ScanConfig(block_l=bl, block_e=be, bwd_block_e=bbe, num_warps=w, bwd_num_warps=bw)
-         for bl, be, bbe, w, bw in [(32, 8, 4, 4, 4), (16, 8, 4, 4, 4), (16, 16, 8, 8, 8),
-                                    (32, 16, 8, 8, 8), (64, 4, 2, 4, 4), (32, 4, 2, 2, 2)]]
+SWEEP = [ScanConfig(step_l=2), ScanConfig(step_l=8),
+         ScanConfig(block_e=64, bwd_block_e=64, num_warps=2, bwd_num_warps=2),
+         ScanConfig(bwd_programs=512), ScanConfig(bwd_programs=2048)]
 
 
 def make_inputs(batch, L, dtype, seed=0):
@@ -164,6 +166,10 @@ def main():
     parser.add_argument('--shapes', nargs='*', default=None,
                         help='BATCHxL list (default: the Vim-Ti set)')
     parser.add_argument('--sweep', action='store_true', help='also time a few tile configs')
+    parser.add_argument('--configs', nargs='*', default=[],
+                        help='ScanConfig fields as JSON, each timed like the --sweep ones')
+    parser.add_argument('--sweep-shapes', nargs='*', default=['16x6084', '128x197'],
+                        help='BATCHxL list the sweep / --configs run on (bf16)')
     parser.add_argument('--no-check', action='store_true', help='timings only')
     args = parser.parse_args()
     if not (torch.cuda.is_available() and triton_scan.TRITON_SCAN_AVAILABLE):
@@ -176,6 +182,8 @@ def main():
                   mamba_ssm=MAMBA_ERROR or 'available', E=E, N=N,
                   default_config=vars(triton_scan.DEFAULT_CONFIG),
                   tolerance={str(k): v for k, v in TOLERANCE.items()}, shapes={})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     ok = True
     for batch, L in shapes:
         entry = report['shapes'][f'B{batch}_L{L}'] = {}
@@ -193,15 +201,20 @@ def main():
                   f'max_err={max(entry.get(f"{key}_errors", {0: 0}).values(), default=0):.2e} '
                   f'timing={json.dumps(entry[f"{key}_timing"])} ({time.time() - t0:.0f}s)',
                   flush=True)
-    if args.sweep:
-        report['sweep_bf16_B16_L6084'] = {
-            json.dumps(vars(cfg)): guarded(timings, 16, 6084, torch.bfloat16, cfg)
-            for cfg in SWEEP}
-        for cfg, res in report['sweep_bf16_B16_L6084'].items():
-            print('sweep', cfg, json.dumps(res), flush=True)
+            out.write_text(json.dumps(report, indent=1))  # partial results survive a timeout
+    configs = (SWEEP if args.sweep else []) + [ScanConfig(**json.loads(c)) for c in args.configs]
+    for batch, L in (tuple(int(v) for v in s.split('x')) for s in args.sweep_shapes):
+        if not configs:
+            break
+        sweep = report[f'sweep_bf16_B{batch}_L{L}'] = {}
+        for cfg in configs:
+            t0 = time.time()
+            sweep[json.dumps(vars(cfg))] = res = guarded(timings, batch, L, torch.bfloat16, cfg)
+            print(f'sweep B={batch} L={L}', json.dumps(vars(cfg)), json.dumps(res),
+                  f'({time.time() - t0:.0f}s)', flush=True)
+            out.write_text(json.dumps(report, indent=1))
     report['all_pass'] = ok
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    out.write_text(json.dumps(report, indent=1))
     print('all_pass', ok, '->', args.out)
 
 

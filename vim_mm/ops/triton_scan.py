@@ -19,19 +19,25 @@ Layout (mamba-ssm's): u, delta, z: (batch, E, L); A: (E, N), negative; B, C: (ba
 be contiguous, B/C take any strides (e.g. views of the x_proj output). Inputs fp32/bf16/fp16,
 state and arithmetic in fp32, the output has u's dtype.
 
-Algorithm: the sequence is cut into chunks of ``block_l`` tokens and every kernel runs one
-program per (chunk, batch, channel block), so short (L=197, big batch) and long (L=16k, small
-batch) inputs both fill the GPU.
+Algorithm: the sequence is cut into chunks (``ScanConfig.block_l`` tokens, by default as long
+as the GPU can still be filled) and every kernel runs one program per (chunk, batch, channel
+block), so short (L=197, big batch) and long (L=16k, small batch) inputs both fill the GPU.
+A program gives every thread one channel with its N states in registers and walks the chunk
+token by token (``step_l`` tokens per loop iteration, unrolled): h = exp(dt A) h + dt B u is
+N exps and FMAs per token, and C.h a sum inside the thread; no warp shuffles.
   forward:  (1) each chunk's end state from a zero start and its sum of dt, both directions;
             (2) a scan over the chunks turns them into every chunk's incoming state
                 (the chunk's decay is exp(A * sum dt));
-            (3) each chunk rescans from its incoming states and writes the merged output.
+            (3) each chunk rescans from its incoming states: the forward direction walks left
+                to right and writes its y, the backward direction walks right to left, adds
+                its y and writes the gated average.
   backward: the incoming states of (2) are the only thing saved; the adjoint recurrence
             (dh_t = C_t g_t + exp(dt_{t+1} A) dh_{t+1}, mirrored for the backward direction)
-            gets the same three passes; pass (3) recomputes h inside the chunk and writes every
-            gradient. dB/dC are reduced over the channels inside a program (a loop over channel
-            blocks), so each program adds its (N, block_l) tile once.
-Within a chunk both recurrences are ``tl.associative_scan`` over pairs (decay, input).
+            gets the same three passes; in pass (3) a walk along the scan direction stores
+            the state every ``step_l`` tokens (a scratch buffer), then a walk against it
+            recomputes each group of ``step_l`` states from its checkpoint and steps back
+            through them, writing every gradient. dB/dC are summed over the program's
+            channels (the only cross-thread reduction) and added atomically.
 With a single chunk (L <= block_l) passes (1) and (2) are skipped.
 
 ``bidirectional_selective_scan_reference`` is the same op built from
@@ -39,6 +45,7 @@ With a single chunk (L <= block_l) passes (1) and (2) are skipped.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -61,14 +68,17 @@ __all__ = ['TRITON_SCAN_AVAILABLE', 'ScanConfig', 'BidirectionalSelectiveScanFn'
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Tile sizes. ``block_l`` is also the chunk length (forward and backward must agree)."""
-    block_l: int = 32
-    block_e: int = 8  # channels per program in the forward passes
-    bwd_block_e: int = 4  # channels per step of the backward's channel loop
+    """Tile sizes. Chunks of ``block_l`` tokens (0: chosen per input, see ``bwd_programs``) are
+    walked ``step_l`` tokens at a time; a program owns ``block_e`` channels, one per thread
+    when ``block_e = 32 * num_warps``."""
+    block_l: int = 0
+    step_l: int = 4
+    block_e: int = 128  # channels per program in the forward passes
+    bwd_block_e: int = 128  # channels per program in the backward passes
     num_warps: int = 4
     bwd_num_warps: int = 4
     block_c: int = 32  # chunks per step of the carry scan
-    bwd_programs: int = 1024  # split the channel loop until the backward has this many programs
+    bwd_programs: int = 1024  # block_l=0: the longest chunks giving the backward this many programs
 
 
 DEFAULT_CONFIG = ScanConfig(block_l=8, block_e=4, bwd_block_e=4, block_c=4) if INTERPRET \
@@ -86,16 +96,172 @@ def bidirectional_selective_scan_reference(u_f, delta_f, A_f, B_f, C_f, D_f, bia
 
 if triton is not None:
     LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+    _STRIDES = ('su_b', 'su_e', 'sd_b', 'sd_e', 'sB_b', 'sB_n', 'sB_l', 'sC_b', 'sC_n', 'sC_l')
+    _SIZES = {'E', 'L', 'n_chunks', 'chunk_l', 'n_ck', 'sz_b', 'sz_e', 'sg_b', 'sg_e', *_STRIDES,
+              *(s + d for s in _STRIDES for d in 'fb')}
 
-    # Tiles are (BLOCK_L, BLOCK_E, BLOCK_N) with the sequence on the slowest axis: with
-    # BLOCK_E * BLOCK_N >= 32 * num_warps, Triton's default layout keeps a thread's part of a
-    # row in its own registers, so the scans along the sequence need no warp shuffles (the sums
-    # over N and the re-layout of the loaded 2-D tiles still do).
+    def _jit_any_size(fn):
+        """triton.jit, not specialised on the sizes and strides: every (batch, L) would
+        otherwise compile its own kernels (divisibility by 16), and the loads here are per
+        token anyway."""
+        names = inspect.signature(fn).parameters
+        return triton.jit(fn, do_not_specialize=[n for n in names if n in _SIZES])
+
+    # Layout. A program owns BLOCK_E channels (one per thread with BLOCK_E = 32 * num_warps) and
+    # walks its chunk token by token (STEP tokens per loop iteration, unrolled). The states are
+    # (BLOCK_N, BLOCK_E) tensors built only from 1-D per-channel vectors (BLOCK_E,) and per-state
+    # columns (BLOCK_N, 1), so Triton's default layout applies: every thread holds all N states
+    # of its channel, and the recurrence and the sums over N are in-thread (no warp shuffles).
+    # For that reason states are read and written one state index n at a time (`_load_state`,
+    # `_store_state`): a 2-D load would impose its coalesced layout on them.
 
     @triton.jit
     def _combine(a1, b1, a2, b2):
         """Compose two steps of h -> a h + b (the first one applied first)."""
         return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _add2(a1, b1, a2, b2):
+        return a1 + a2, b1 + b2
+
+    @triton.jit
+    def _softplus(x):
+        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+    @triton.jit
+    def _token(i, lo, hi, REVERSE: tl.constexpr):
+        """The i-th token of a walk over [lo, hi) (right to left if REVERSE)."""
+        if REVERSE:
+            t = hi - 1 - i
+        else:
+            t = lo + i
+        return t
+
+    @triton.jit
+    def _load_e(ptr, s_b, s_e, bid, offs_e, t, mask):
+        """Token t of a (batch, E, L) tensor: (BE,) fp32."""
+        return tl.load(ptr + bid * s_b + offs_e * s_e + t, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _load_n(ptr, s_b, s_n, s_l, bid, offs_n, t, mask):
+        """Token t of a (batch, N, L) tensor as a (BN, 1) column, fp32."""
+        return tl.load(ptr + bid * s_b + offs_n * s_n + t * s_l, mask=mask,
+                       other=0.0).to(tl.float32)[:, None]
+
+    @triton.jit
+    def _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, mask):
+        """softplus(delta + bias) (BE,), 0 (no decay, no input) outside ``mask``; and x."""
+        x = _load_e(d_ptr, sd_b, sd_e, bid, offs_e, t, mask) + bias
+        return tl.where(mask, _softplus(x), 0.0), x
+
+    @triton.jit
+    def _load_state(ptr, base, n_stride, mask_e, N, BLOCK_N: tl.constexpr):
+        """(BN, BE) state whose element (n, e) sits at ptr + base[e] + n * n_stride."""
+        offs_n = tl.arange(0, BLOCK_N)
+        h = tl.zeros((BLOCK_N, base.shape[0]), dtype=tl.float32)
+        for n in tl.static_range(BLOCK_N):
+            v = tl.load(ptr + base + n * n_stride, mask=mask_e & (n < N), other=0.0)
+            h = tl.where(offs_n[:, None] == n, v.to(tl.float32)[None, :], h)
+        return h
+
+    @triton.jit
+    def _store_state(ptr, base, n_stride, h, mask_e, N, BLOCK_N: tl.constexpr,
+                     ATOMIC: tl.constexpr):
+        """Write (or atomically add) a (BN, BE) state, laid out as in `_load_state`."""
+        offs_n = tl.arange(0, BLOCK_N)
+        for n in tl.static_range(BLOCK_N):
+            v = tl.sum(tl.where(offs_n[:, None] == n, h, 0.0), axis=0)
+            if ATOMIC:
+                tl.atomic_add(ptr + base + n * n_stride, v, mask=mask_e & (n < N))
+            else:
+                tl.store(ptr + base + n * n_stride, v, mask=mask_e & (n < N))
+
+    @triton.jit
+    def _state_walk(u_ptr, su_b, su_e, d_ptr, sd_b, sd_e, B_ptr, sB_b, sB_n, sB_l,
+                    C_ptr, sC_b, sC_n, sC_l, A_ptr, D_ptr, bias_ptr, h, y_ptr, z, sz_b, sz_e,
+                    bid, offs_e, offs_n, mask_e, mask_n, lo, hi, E, L, N,
+                    MODE: tl.constexpr, REVERSE: tl.constexpr, STEP: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        """Walk tokens lo..hi-1 (hi-1..lo if REVERSE) through h = exp(dt A) h + dt B u.
+
+        MODE 0: return the end state and the chunk's sum of dt (the chunk summary);
+        MODE 1: write this direction's y = C.h + D u to y_ptr;
+        MODE 2: add the other direction's y found in y_ptr and write the gated average."""
+        bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        A2 = _load_state(A_ptr, offs_e * N, 1, mask_e, N, BLOCK_N) * LOG2E
+        dt_sum = tl.zeros_like(bias)
+        for i0 in range(0, hi - lo, STEP):
+            for k in tl.static_range(STEP):
+                t = _token(i0 + k, lo, hi, REVERSE)
+                ok = (i0 + k) < hi - lo
+                m_e = mask_e & ok
+                u = _load_e(u_ptr, su_b, su_e, bid, offs_e, t, m_e)
+                dt, _ = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, m_e)
+                B_t = _load_n(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, t, mask_n & ok)
+                h = tl.exp2(dt[None, :] * A2) * h + B_t * (dt * u)[None, :]
+                if MODE == 0:
+                    dt_sum += dt
+                else:
+                    C_t = _load_n(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, t, mask_n & ok)
+                    y = tl.sum(h * C_t, axis=0) + D * u
+                    off = (bid * E + offs_e) * L + t
+                    if MODE == 2:
+                        y += tl.load(y_ptr + off, mask=m_e, other=0.0).to(tl.float32)
+                        zz = _load_e(z, sz_b, sz_e, bid, offs_e, t, m_e)
+                        y = 0.5 * y * zz * tl.sigmoid(zz)
+                    tl.store(y_ptr + off, y, mask=m_e)
+        return h, dt_sum
+
+    @_jit_any_size
+    def _fwd_kernel(u_f, su_bf, su_ef, d_f, sd_bf, sd_ef, B_f, sB_bf, sB_nf, sB_lf,
+                    C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f,
+                    u_b, su_bb, su_eb, d_b, sd_bb, sd_eb, B_b, sB_bb, sB_nb, sB_lb,
+                    C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b,
+                    z, sz_b, sz_e, out, h_f, h_b, sum_f, sum_b, E, L, N, n_chunks,
+                    SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr, BLOCK_E: tl.constexpr,
+                    BLOCK_N: tl.constexpr, STEP: tl.constexpr, chunk_l):
+        """SUMMARY: each chunk's end states from zero and sums of dt (pass 1).
+        Else: merged gated output of the chunk from its incoming states (pass 3): the forward
+        direction writes its y into ``out``, the backward one adds its own and gates."""
+        cid = tl.program_id(0)
+        bid = tl.program_id(1).to(tl.int64)
+        offs_e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_e, mask_n = offs_e < E, offs_n < N
+        lo = cid * chunk_l
+        hi = tl.minimum(lo + chunk_l, L)
+        row = (bid * E + offs_e) * n_chunks + cid  # index into (batch, E, n_chunks)
+        zero = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+        if SUMMARY:
+            h, dt_sum = _state_walk(u_f, su_bf, su_ef, d_f, sd_bf, sd_ef, B_f, sB_bf, sB_nf,
+                                    sB_lf, C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f, zero,
+                                    out, z, sz_b, sz_e, bid, offs_e, offs_n, mask_e, mask_n,
+                                    lo, hi, E, L, N, 0, False, STEP, BLOCK_N)
+            _store_state(h_f, row * N, 1, h, mask_e, N, BLOCK_N, False)
+            tl.store(sum_f + row, dt_sum, mask=mask_e)
+            h, dt_sum = _state_walk(u_b, su_bb, su_eb, d_b, sd_bb, sd_eb, B_b, sB_bb, sB_nb,
+                                    sB_lb, C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b, zero,
+                                    out, z, sz_b, sz_e, bid, offs_e, offs_n, mask_e, mask_n,
+                                    lo, hi, E, L, N, 0, True, STEP, BLOCK_N)
+            _store_state(h_b, row * N, 1, h, mask_e, N, BLOCK_N, False)
+            tl.store(sum_b + row, dt_sum, mask=mask_e)
+        else:
+            h = zero
+            if HAS_CARRY:
+                h = _load_state(h_f, row * N, 1, mask_e, N, BLOCK_N)
+            _state_walk(u_f, su_bf, su_ef, d_f, sd_bf, sd_ef, B_f, sB_bf, sB_nf, sB_lf,
+                        C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f, h, out, z, sz_b, sz_e,
+                        bid, offs_e, offs_n, mask_e, mask_n, lo, hi, E, L, N, 1, False, STEP,
+                        BLOCK_N)
+            h = zero
+            if HAS_CARRY:
+                h = _load_state(h_b, row * N, 1, mask_e, N, BLOCK_N)
+            # the backward direction reads each y_fwd back from the thread that wrote it
+            _state_walk(u_b, su_bb, su_eb, d_b, sd_bb, sd_eb, B_b, sB_bb, sB_nb, sB_lb,
+                        C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b, h, out, z, sz_b, sz_e,
+                        bid, offs_e, offs_n, mask_e, mask_n, lo, hi, E, L, N, 2, True, STEP,
+                        BLOCK_N)
 
     @triton.jit
     def _scan(a, b, h0, REVERSE: tl.constexpr):
@@ -109,107 +275,9 @@ if triton is not None:
         return tl.sum(tl.where(cols[:, None, None] == k, x, 0.0), axis=0)
 
     @triton.jit
-    def _softplus(x):
-        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
-
-    @triton.jit
-    def _load_le(ptr, s_b, s_e, bid, offs_e, offs_l, mask):
-        """A (BL, BE) tile of a (batch, E, L) tensor with unit stride along L, as fp32."""
-        return tl.load(ptr + bid * s_b + offs_e[None, :] * s_e + offs_l[:, None], mask=mask,
-                       other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _load_ln(ptr, s_b, s_n, s_l, bid, offs_n, offs_l, mask):
-        """A (BL, BN) tile of a (batch, N, L) tensor, as fp32."""
-        return tl.load(ptr + bid * s_b + offs_n[None, :] * s_n + offs_l[:, None] * s_l,
-                       mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, offs_l, mask):
-        """softplus(delta + bias) (BL, BE); 0 (no decay, no input) outside ``mask``; and x."""
-        x = _load_le(d_ptr, sd_b, sd_e, bid, offs_e, offs_l, mask) + bias[None, :]
-        return tl.where(mask, _softplus(x), 0.0), x
-
-    @triton.jit
-    def _load_A(A_ptr, offs_e, offs_n, mask_en, N):
+    def _load_A_en(A_ptr, offs_e, offs_n, mask_en, N):
         return tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :], mask=mask_en,
                        other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _recurrence_inputs(u_ptr, su_b, su_e, d_ptr, sd_b, sd_e, B_ptr, sB_b, sB_n, sB_l,
-                           A_ptr, bias_ptr, bid, offs_e, offs_n, offs_l, mask_e, mask_n, mask_l,
-                           N):
-        """Decays a and inputs b (BL, BE, BN) of one direction on one chunk, and their parts."""
-        mask_le = mask_l[:, None] & mask_e[None, :]
-        bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        A = _load_A(A_ptr, offs_e, offs_n, mask_e[:, None] & mask_n[None, :], N)
-        u = _load_le(u_ptr, su_b, su_e, bid, offs_e, offs_l, mask_le)
-        dt, x = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, offs_l, mask_le)
-        Bt = _load_ln(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, offs_l,
-                      mask_l[:, None] & mask_n[None, :])
-        a = tl.exp2(dt[:, :, None] * (A * LOG2E)[None, :, :])
-        b = (dt * u)[:, :, None] * Bt[:, None, :]
-        return a, b, u, dt, x, A, Bt
-
-    @triton.jit
-    def _chunk_output(a, b, u, A, C_ptr, sC_b, sC_n, sC_l, D_ptr, h_ptr, state_off, bid,
-                      offs_e, offs_n, offs_l, mask_e, mask_n, mask_l,
-                      REVERSE: tl.constexpr, HAS_CARRY: tl.constexpr):
-        """Ungated output y = C.h + D u (BL, BE) of one direction, from the chunk's carry."""
-        if HAS_CARRY:
-            h0 = tl.load(h_ptr + state_off, mask=mask_e[:, None] & mask_n[None, :], other=0.0)
-        else:
-            h0 = tl.zeros_like(A)
-        h = _scan(a, b, h0, REVERSE)
-        Ct = _load_ln(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, offs_l,
-                      mask_l[:, None] & mask_n[None, :])
-        D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        return tl.sum(h * Ct[:, None, :], axis=2) + D[None, :] * u
-
-    @triton.jit
-    def _fwd_kernel(u_f, su_bf, su_ef, d_f, sd_bf, sd_ef, B_f, sB_bf, sB_nf, sB_lf,
-                    C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f,
-                    u_b, su_bb, su_eb, d_b, sd_bb, sd_eb, B_b, sB_bb, sB_nb, sB_lb,
-                    C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b,
-                    z, sz_b, sz_e, out, h_f, h_b, sum_f, sum_b, E, L, N, n_chunks,
-                    SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr, BLOCK_E: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-        """SUMMARY: each chunk's end states from zero and sums of dt (pass 1).
-        Else: merged gated output of the chunk from its incoming states (pass 3)."""
-        cid = tl.program_id(0)
-        bid = tl.program_id(1).to(tl.int64)
-        offs_e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
-        offs_n = tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_L)
-        offs_l = cid * BLOCK_L + cols
-        mask_e, mask_n, mask_l = offs_e < E, offs_n < N, offs_l < L
-        mask_en = mask_e[:, None] & mask_n[None, :]
-        row = (bid * E + offs_e) * n_chunks + cid  # index into (batch, E, n_chunks)
-        state_off = row[:, None] * N + offs_n[None, :]  # into (batch, E, n_chunks, N)
-        a, b, u, dt, _, A, _ = _recurrence_inputs(
-            u_f, su_bf, su_ef, d_f, sd_bf, sd_ef, B_f, sB_bf, sB_nf, sB_lf, A_f, bias_f,
-            bid, offs_e, offs_n, offs_l, mask_e, mask_n, mask_l, N)
-        if SUMMARY:  # masked tail steps are identities, so the edge rows are the end states
-            h = _scan(a, b, tl.zeros_like(A), False)
-            tl.store(h_f + state_off, _row(h, cols, BLOCK_L - 1), mask=mask_en)
-            tl.store(sum_f + row, tl.sum(dt, axis=0), mask=mask_e)
-        else:
-            y = _chunk_output(a, b, u, A, C_f, sC_bf, sC_nf, sC_lf, D_f, h_f, state_off, bid,
-                              offs_e, offs_n, offs_l, mask_e, mask_n, mask_l, False, HAS_CARRY)
-        a, b, u, dt, _, A, _ = _recurrence_inputs(
-            u_b, su_bb, su_eb, d_b, sd_bb, sd_eb, B_b, sB_bb, sB_nb, sB_lb, A_b, bias_b,
-            bid, offs_e, offs_n, offs_l, mask_e, mask_n, mask_l, N)
-        if SUMMARY:
-            h = _scan(a, b, tl.zeros_like(A), True)
-            tl.store(h_b + state_off, _row(h, cols, 0), mask=mask_en)
-            tl.store(sum_b + row, tl.sum(dt, axis=0), mask=mask_e)
-        else:
-            y += _chunk_output(a, b, u, A, C_b, sC_bb, sC_nb, sC_lb, D_b, h_b, state_off, bid,
-                               offs_e, offs_n, offs_l, mask_e, mask_n, mask_l, True, HAS_CARRY)
-            mask_le = mask_l[:, None] & mask_e[None, :]
-            zz = _load_le(z, sz_b, sz_e, bid, offs_e, offs_l, mask_le)
-            tl.store(out + (bid * E + offs_e[None, :]) * L + offs_l[:, None],
-                     0.5 * y * zz * tl.sigmoid(zz), mask=mask_le)
 
     @triton.jit
     def _carry_kernel(loc, sums, A_ptr, carry_in, E, N, n_chunks, REVERSE: tl.constexpr,
@@ -225,7 +293,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_C)
         mask_e = offs_e < E
         mask_en = mask_e[:, None] & (offs_n < N)[None, :]
-        A2 = _load_A(A_ptr, offs_e, offs_n, mask_en, N) * LOG2E
+        A2 = _load_A_en(A_ptr, offs_e, offs_n, mask_en, N) * LOG2E
         rows = bid * E + offs_e
         carry = tl.zeros_like(A2)
         n_tiles = tl.cdiv(n_chunks, BLOCK_C)
@@ -252,171 +320,184 @@ if triton is not None:
             tl.store(carry_in + off3 + (dest - offs_c)[:, None, None] * N, h,
                      mask=mask3 & mask_d[:, None, None])
 
-    @triton.jit
-    def _adjoint_decay(d_ptr, sd_b, sd_e, bias, A2, bid, offs_e, offs_l, cid, mask_e, L,
-                       REVERSE: tl.constexpr, BLOCK_L: tl.constexpr):
-        """Decays of the adjoint recurrence: exp(dt_{t+1} A) (exp(dt_{t-1} A) if REVERSE),
-        1 where the neighbour lies outside the chunk (the carry already holds that step)."""
-        lo = cid * BLOCK_L
-        hi = tl.minimum(lo + BLOCK_L, L)
-        if REVERSE:
-            offs_nb = offs_l - 1
-        else:
-            offs_nb = offs_l + 1
-        mask = ((offs_nb >= lo) & (offs_nb < hi))[:, None] & mask_e[None, :]
-        dt_nb, _ = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, offs_nb, mask)
-        return tl.exp2(dt_nb[:, :, None] * A2[None, :, :])
 
     @triton.jit
-    def _adjoint_summary(d_ptr, sd_b, sd_e, C_ptr, sC_b, sC_n, sC_l, A_ptr, bias_ptr, g,
-                         bid, cid, offs_e, offs_n, offs_l, cols, mask_e, mask_n, mask_l, L, N,
-                         REVERSE: tl.constexpr, BLOCK_L: tl.constexpr):
-        """Gradient the chunk sends to the state before it (after it if REVERSE), from zero."""
-        mask_le = mask_l[:, None] & mask_e[None, :]
+    def _adjoint_walk(d_ptr, sd_b, sd_e, C_ptr, sC_b, sC_n, sC_l, A_ptr, bias_ptr,
+                      z, sz_b, sz_e, dout, sg_b, sg_e, bid, offs_e, offs_n, mask_e, mask_n,
+                      lo, hi, N, REVERSE: tl.constexpr, STEP: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+        """Gradient the chunk sends to the state before it (after it if REVERSE), from zero:
+        r <- exp(dt_t A) (r + C_t g_t), walked against the scan direction."""
         bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        A2 = _load_A(A_ptr, offs_e, offs_n, mask_e[:, None] & mask_n[None, :], N) * LOG2E
-        dt, _ = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, offs_l, mask_le)
-        Ct = _load_ln(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, offs_l,
-                      mask_l[:, None] & mask_n[None, :])
-        a_nb = _adjoint_decay(d_ptr, sd_b, sd_e, bias, A2, bid, offs_e, offs_l, cid, mask_e, L,
-                              REVERSE, BLOCK_L)
-        dh = _scan(a_nb, Ct[:, None, :] * g[:, :, None], tl.zeros_like(A2), not REVERSE)
-        edge = BLOCK_L - 1 if REVERSE else 0
-        dt_edge = tl.sum(tl.where(cols[:, None] == edge, dt, 0.0), axis=0)
-        return tl.exp2(dt_edge[:, None] * A2) * _row(dh, cols, edge)
+        A2 = _load_state(A_ptr, offs_e * N, 1, mask_e, N, BLOCK_N) * LOG2E
+        r = tl.zeros_like(A2)
+        for i0 in range(0, hi - lo, STEP):
+            for k in tl.static_range(STEP):
+                t = _token(i0 + k, lo, hi, not REVERSE)
+                ok = (i0 + k) < hi - lo
+                m_e = mask_e & ok
+                dt, _ = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, m_e)
+                C_t = _load_n(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, t, mask_n & ok)
+                zz = _load_e(z, sz_b, sz_e, bid, offs_e, t, m_e)
+                g = 0.5 * _load_e(dout, sg_b, sg_e, bid, offs_e, t, m_e) * zz * tl.sigmoid(zz)
+                r = tl.exp2(dt[None, :] * A2) * (r + C_t * g[None, :])
+        return r
 
-    @triton.jit
+    @_jit_any_size
     def _bwd_summary_kernel(d_f, sd_bf, sd_ef, C_f, sC_bf, sC_nf, sC_lf, A_f, bias_f,
                             d_b, sd_bb, sd_eb, C_b, sC_bb, sC_nb, sC_lb, A_b, bias_b,
                             z, sz_b, sz_e, dout, sg_b, sg_e, q_f, q_b, E, L, N, n_chunks,
                             BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_L: tl.constexpr):
+                            STEP: tl.constexpr, chunk_l):
         """Pass 1 of the backward: each chunk's adjoint summary, both directions."""
         cid = tl.program_id(0)
         bid = tl.program_id(1).to(tl.int64)
         offs_e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_n = tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_L)
-        offs_l = cid * BLOCK_L + cols
-        mask_e, mask_n, mask_l = offs_e < E, offs_n < N, offs_l < L
-        mask_le = mask_l[:, None] & mask_e[None, :]
-        mask_en = mask_e[:, None] & mask_n[None, :]
-        state_off = ((bid * E + offs_e) * n_chunks + cid)[:, None] * N + offs_n[None, :]
-        zz = _load_le(z, sz_b, sz_e, bid, offs_e, offs_l, mask_le)
-        g = 0.5 * _load_le(dout, sg_b, sg_e, bid, offs_e, offs_l, mask_le) * zz * tl.sigmoid(zz)
-        q = _adjoint_summary(d_f, sd_bf, sd_ef, C_f, sC_bf, sC_nf, sC_lf, A_f, bias_f, g, bid,
-                             cid, offs_e, offs_n, offs_l, cols, mask_e, mask_n, mask_l, L, N,
-                             False, BLOCK_L)
-        tl.store(q_f + state_off, q, mask=mask_en)
-        q = _adjoint_summary(d_b, sd_bb, sd_eb, C_b, sC_bb, sC_nb, sC_lb, A_b, bias_b, g, bid,
-                             cid, offs_e, offs_n, offs_l, cols, mask_e, mask_n, mask_l, L, N,
-                             True, BLOCK_L)
-        tl.store(q_b + state_off, q, mask=mask_en)
+        mask_e, mask_n = offs_e < E, offs_n < N
+        lo = cid * chunk_l
+        hi = tl.minimum(lo + chunk_l, L)
+        base = ((bid * E + offs_e) * n_chunks + cid) * N  # into (batch, E, n_chunks, N)
+        r = _adjoint_walk(d_f, sd_bf, sd_ef, C_f, sC_bf, sC_nf, sC_lf, A_f, bias_f,
+                          z, sz_b, sz_e, dout, sg_b, sg_e, bid, offs_e, offs_n, mask_e, mask_n,
+                          lo, hi, N, False, STEP, BLOCK_N)
+        _store_state(q_f, base, 1, r, mask_e, N, BLOCK_N, False)
+        r = _adjoint_walk(d_b, sd_bb, sd_eb, C_b, sC_bb, sC_nb, sC_lb, A_b, bias_b,
+                          z, sz_b, sz_e, dout, sg_b, sg_e, bid, offs_e, offs_n, mask_e, mask_n,
+                          lo, hi, N, True, STEP, BLOCK_N)
+        _store_state(q_b, base, 1, r, mask_e, N, BLOCK_N, False)
 
     @triton.jit
-    def _bwd_direction(u_ptr, su_b, su_e, d_ptr, sd_b, sd_e, B_ptr, sB_b, sB_n, sB_l,
-                       C_ptr, sC_b, sC_n, sC_l, A_ptr, D_ptr, bias_ptr, h_ptr, q_ptr,
-                       du_ptr, dd_ptr, dA_ptr, dD_ptr, dbias_ptr, g, bid, cid, offs_e, offs_n,
-                       offs_l, mask_e, mask_n, mask_l, state_off, E, L, N,
-                       REVERSE: tl.constexpr, HAS_CARRY: tl.constexpr, BLOCK_L: tl.constexpr):
-        """Gradients of one direction on one channel block of one chunk.
+    def _grad_walk(u_ptr, su_b, su_e, d_ptr, sd_b, sd_e, B_ptr, sB_b, sB_n, sB_l,
+                   C_ptr, sC_b, sC_n, sC_l, A_ptr, D_ptr, bias_ptr, h, r, ckpt,
+                   z, sz_b, sz_e, dout, sg_b, sg_e,
+                   du_ptr, dd_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dz,
+                   bid, offs_e, offs_n, mask_e, mask_n, lo, hi, ck_first, n_ck, E, L, N,
+                   REVERSE: tl.constexpr, FIRST: tl.constexpr, STEP: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+        """All gradients of one direction on one chunk, from its incoming state h and the
+        incoming adjoint r (what the tokens beyond the chunk's far end send back).
 
-        Writes du, ddelta and adds dA, dD, ddelta_bias; returns y (for dz) and this block's
-        (BL, BN) contributions to dB and dC."""
-        mask_le = mask_l[:, None] & mask_e[None, :]
-        mask_en = mask_e[:, None] & mask_n[None, :]
-        a, b, u, dt, x, A, Bt = _recurrence_inputs(
-            u_ptr, su_b, su_e, d_ptr, sd_b, sd_e, B_ptr, sB_b, sB_n, sB_l, A_ptr, bias_ptr,
-            bid, offs_e, offs_n, offs_l, mask_e, mask_n, mask_l, N)
+        Walk 1 (scan direction) stores the state at the start of every STEP tokens in
+        ``ckpt``; walk 2 (adjoint direction) recomputes those STEP states from their checkpoint
+        and steps back through them: dh = r + C g, r = exp(dt A) dh. Writes du, ddelta, adds
+        dA, dD, ddelta_bias, dB, dC and y's share of dz (FIRST writes it, the other adds)."""
+        idx = tl.arange(0, STEP)
         bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        if HAS_CARRY:
-            h0 = tl.load(h_ptr + state_off, mask=mask_en, other=0.0)
-            q0 = tl.load(q_ptr + state_off, mask=mask_en, other=0.0)
-        else:
-            h0 = tl.zeros_like(A)
-            q0 = tl.zeros_like(A)
-        h = _scan(a, b, h0, REVERSE)
-        Ct = _load_ln(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, offs_l,
-                      mask_l[:, None] & mask_n[None, :])
         D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
-        y = tl.sum(h * Ct[:, None, :], axis=2) + D[None, :] * u
-        a_nb = _adjoint_decay(d_ptr, sd_b, sd_e, bias, A * LOG2E, bid, offs_e, offs_l, cid,
-                              mask_e, L, REVERSE, BLOCK_L)
-        dh = _scan(a_nb, Ct[:, None, :] * g[:, :, None], q0, not REVERSE)
-        h_prev = h - b  # = exp(dt A) h_{t-/+1}: what the decay multiplied
-        ddt = tl.sum(dh * (Bt[:, None, :] * u[:, :, None] + h_prev * A[None, :, :]), axis=2)
-        ddt = tl.where(mask_le, ddt * tl.sigmoid(x), 0.0)  # through softplus
-        du = tl.sum(dh * Bt[:, None, :], axis=2) * dt + D[None, :] * g
-        out_off = (bid * E + offs_e[None, :]) * L + offs_l[:, None]
-        tl.store(du_ptr + out_off, du, mask=mask_le)
-        tl.store(dd_ptr + out_off, ddt, mask=mask_le)
-        tl.atomic_add(dA_ptr + offs_e[:, None] * N + offs_n[None, :],
-                      tl.sum(dh * h_prev * dt[:, :, None], axis=0), mask=mask_en)
-        tl.atomic_add(dD_ptr + offs_e, tl.sum(g * u, axis=0), mask=mask_e)
-        tl.atomic_add(dbias_ptr + offs_e, tl.sum(ddt, axis=0), mask=mask_e)
-        dB = tl.sum(dh * (dt * u)[:, :, None], axis=1)
-        dC = tl.sum(h * g[:, :, None], axis=1)
-        return y, dB, dC
+        A2 = _load_state(A_ptr, offs_e * N, 1, mask_e, N, BLOCK_N) * LOG2E
+        n_it = tl.cdiv(hi - lo, STEP)
+        for j in range(0, n_it):
+            _store_state(ckpt, ((bid * n_ck + ck_first + j) * N) * E + offs_e, E, h, mask_e, N,
+                         BLOCK_N, False)
+            for k in tl.static_range(STEP):
+                t = _token(j * STEP + k, lo, hi, REVERSE)
+                ok = (j * STEP + k) < hi - lo
+                m_e = mask_e & ok
+                u = _load_e(u_ptr, su_b, su_e, bid, offs_e, t, m_e)
+                dt, _ = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, m_e)
+                B_t = _load_n(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, t, mask_n & ok)
+                h = tl.exp2(dt[None, :] * A2) * h + B_t * (dt * u)[None, :]
+        tl.debug_barrier()
+        dA = tl.zeros_like(A2)
+        dD = tl.zeros_like(bias)
+        dbias = tl.zeros_like(bias)
+        for jj in range(0, n_it):
+            j = n_it - 1 - jj
+            h = _load_state(ckpt, ((bid * n_ck + ck_first + j) * N) * E + offs_e, E, mask_e, N,
+                            BLOCK_N)
+            hist = tl.zeros((STEP, BLOCK_N, BLOCK_E), dtype=tl.float32)
+            for k in tl.static_range(STEP):
+                t = _token(j * STEP + k, lo, hi, REVERSE)
+                ok = (j * STEP + k) < hi - lo
+                m_e = mask_e & ok
+                u = _load_e(u_ptr, su_b, su_e, bid, offs_e, t, m_e)
+                dt, _ = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, m_e)
+                B_t = _load_n(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, t, mask_n & ok)
+                h = tl.exp2(dt[None, :] * A2) * h + B_t * (dt * u)[None, :]
+                hist = tl.where(idx[:, None, None] == k, h[None, :, :], hist)
+            for kk in range(0, STEP):  # not unrolled: fewer spills, 3x faster compile
+                k_back = STEP - 1 - kk
+                i = j * STEP + k_back
+                t = _token(i, lo, hi, REVERSE)
+                ok = i < hi - lo
+                m_e = mask_e & ok
+                u = _load_e(u_ptr, su_b, su_e, bid, offs_e, t, m_e)
+                dt, x = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, m_e)
+                B_t = _load_n(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, t, mask_n & ok)
+                C_t = _load_n(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, t, mask_n & ok)
+                zz = _load_e(z, sz_b, sz_e, bid, offs_e, t, m_e)
+                go = 0.5 * _load_e(dout, sg_b, sg_e, bid, offs_e, t, m_e)
+                sig_z = tl.sigmoid(zz)
+                g = go * zz * sig_z
+                h_k = tl.sum(tl.where(idx[:, None, None] == k_back, hist, 0.0), axis=0)
+                dtu = dt * u
+                h_prev = h_k - B_t * dtu[None, :]  # exp(dt A) h_{t-/+1}: what the decay hit
+                dh = r + C_t * g[None, :]
+                ddt = tl.sum(dh * (B_t * u[None, :] + (A2 / LOG2E) * h_prev), axis=0) \
+                    * tl.sigmoid(x)
+                ddt = tl.where(m_e, ddt, 0.0)  # through softplus
+                off = (bid * E + offs_e) * L + t
+                tl.store(du_ptr + off, tl.sum(dh * B_t, axis=0) * dt + D * g, mask=m_e)
+                tl.store(dd_ptr + off, ddt, mask=m_e)
+                dA += dh * h_prev * dt[None, :]
+                dD += g * u
+                dbias += ddt
+                dB_t, dC_t = tl.reduce((dh * dtu[None, :], h_k * g[None, :]), 1, _add2)
+                nl_off = (bid * N + offs_n) * L + t
+                tl.atomic_add(dB_ptr + nl_off, dB_t, mask=mask_n & ok, sem='relaxed')
+                tl.atomic_add(dC_ptr + nl_off, dC_t, mask=mask_n & ok, sem='relaxed')
+                y = tl.sum(h_k * C_t, axis=0) + D * u
+                dz_t = go * y * sig_z * (1.0 + zz * (1.0 - sig_z))
+                if not FIRST:
+                    dz_t += tl.load(dz + off, mask=m_e, other=0.0).to(tl.float32)
+                tl.store(dz + off, dz_t, mask=m_e)
+                r = tl.exp2(dt[None, :] * A2) * dh
+        _store_state(dA_ptr, offs_e * N, 1, dA, mask_e, N, BLOCK_N, True)
+        tl.atomic_add(dD_ptr + offs_e, dD, mask=mask_e)
+        tl.atomic_add(dbias_ptr + offs_e, dbias, mask=mask_e)
 
-    @triton.jit
-    def _bwd_kernel(u_f, su_bf, su_ef, d_f, sd_bf, sd_ef, B_f, sB_bf, sB_nf, sB_lf,
-                    C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f,
-                    u_b, su_bb, su_eb, d_b, sd_bb, sd_eb, B_b, sB_bb, sB_nb, sB_lb,
-                    C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b,
-                    z, sz_b, sz_e, dout, sg_b, sg_e, h_f, h_b, q_f, q_b,
-                    du_f, dd_f, dA_f, dD_f, dbias_f, dB_f, dC_f,
-                    du_b, dd_b, dA_b, dD_b, dbias_b, dB_b, dC_b, dz,
-                    E, L, N, n_chunks, E_PER_PROG,
-                    HAS_CARRY: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_L: tl.constexpr):
-        """Pass 3 of the backward: all gradients of one chunk for E_PER_PROG channels."""
+    @_jit_any_size
+    def _bwd_kernel(u_ptr, su_b, su_e, d_ptr, sd_b, sd_e, B_ptr, sB_b, sB_n, sB_l,
+                    C_ptr, sC_b, sC_n, sC_l, A_ptr, D_ptr, bias_ptr,
+                    z, sz_b, sz_e, dout, sg_b, sg_e, h_in, q_in, ckpt,
+                    du, dd, dA, dD, dbias, dB, dC, dz, E, L, N, n_chunks, n_ck,
+                    REVERSE: tl.constexpr, FIRST: tl.constexpr, BLOCK_E: tl.constexpr,
+                    BLOCK_N: tl.constexpr, STEP: tl.constexpr, chunk_l):
+        """Pass 3 of the backward: all gradients of one direction on one chunk for BLOCK_E
+        channels (one launch per direction keeps the kernel small enough to compile fast)."""
         cid = tl.program_id(0)
         bid = tl.program_id(1).to(tl.int64)
-        e_lo = tl.program_id(2) * E_PER_PROG
-        e_hi = tl.minimum(e_lo + E_PER_PROG, E)
+        offs_e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_l = cid * BLOCK_L + tl.arange(0, BLOCK_L)
-        mask_n, mask_l = offs_n < N, offs_l < L
-        dB_f_acc = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
-        dC_f_acc = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
-        dB_b_acc = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
-        dC_b_acc = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
-        for e0 in range(e_lo, e_hi, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            mask_e = offs_e < e_hi
-            mask_le = mask_l[:, None] & mask_e[None, :]
-            state_off = ((bid * E + offs_e) * n_chunks + cid)[:, None] * N + offs_n[None, :]
-            zz = _load_le(z, sz_b, sz_e, bid, offs_e, offs_l, mask_le)
-            go = 0.5 * _load_le(dout, sg_b, sg_e, bid, offs_e, offs_l, mask_le)
-            sig_z = tl.sigmoid(zz)
-            g = go * zz * sig_z
-            y_f, dB, dC = _bwd_direction(
-                u_f, su_bf, su_ef, d_f, sd_bf, sd_ef, B_f, sB_bf, sB_nf, sB_lf,
-                C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f, h_f, q_f,
-                du_f, dd_f, dA_f, dD_f, dbias_f, g, bid, cid, offs_e, offs_n, offs_l,
-                mask_e, mask_n, mask_l, state_off, E, L, N, False, HAS_CARRY, BLOCK_L)
-            dB_f_acc += dB
-            dC_f_acc += dC
-            y_b, dB, dC = _bwd_direction(
-                u_b, su_bb, su_eb, d_b, sd_bb, sd_eb, B_b, sB_bb, sB_nb, sB_lb,
-                C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b, h_b, q_b,
-                du_b, dd_b, dA_b, dD_b, dbias_b, g, bid, cid, offs_e, offs_n, offs_l,
-                mask_e, mask_n, mask_l, state_off, E, L, N, True, HAS_CARRY, BLOCK_L)
-            dB_b_acc += dB
-            dC_b_acc += dC
-            dsilu = sig_z * (1.0 + zz * (1.0 - sig_z))
-            tl.store(dz + (bid * E + offs_e[None, :]) * L + offs_l[:, None],
-                     go * (y_f + y_b) * dsilu, mask=mask_le)
-        nl_off = (bid * N + offs_n[None, :]) * L + offs_l[:, None]
-        mask_ln = mask_l[:, None] & mask_n[None, :]
-        tl.atomic_add(dB_f + nl_off, dB_f_acc, mask=mask_ln)
-        tl.atomic_add(dC_f + nl_off, dC_f_acc, mask=mask_ln)
-        tl.atomic_add(dB_b + nl_off, dB_b_acc, mask=mask_ln)
-        tl.atomic_add(dC_b + nl_off, dC_b_acc, mask=mask_ln)
+        mask_e, mask_n = offs_e < E, offs_n < N
+        lo = cid * chunk_l
+        hi = tl.minimum(lo + chunk_l, L)
+        base = ((bid * E + offs_e) * n_chunks + cid) * N  # into (batch, E, n_chunks, N)
+        ck_first = cid * (chunk_l // STEP)  # this chunk's checkpoints in (batch, n_ck, N, E)
+        _grad_walk(u_ptr, su_b, su_e, d_ptr, sd_b, sd_e, B_ptr, sB_b, sB_n, sB_l,
+                   C_ptr, sC_b, sC_n, sC_l, A_ptr, D_ptr, bias_ptr,
+                   _load_state(h_in, base, 1, mask_e, N, BLOCK_N),
+                   _load_state(q_in, base, 1, mask_e, N, BLOCK_N), ckpt,
+                   z, sz_b, sz_e, dout, sg_b, sg_e, du, dd, dA, dD, dbias, dB, dC, dz,
+                   bid, offs_e, offs_n, mask_e, mask_n, lo, hi, ck_first, n_ck, E, L, N,
+                   REVERSE, FIRST, STEP, BLOCK_E, BLOCK_N)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _chunk_length(batch: int, E: int, L: int, cfg: ScanConfig) -> int:
+    """Tokens per chunk: ``cfg.block_l`` rounded up to whole steps, or (block_l=0) the longest
+    chunks that still give the backward ``cfg.bwd_programs`` programs, but at least 32 tokens
+    (shorter ones cost more in chunk states than they gain in parallelism)."""
+    step = cfg.step_l
+    if cfg.block_l:
+        return _cdiv(cfg.block_l, step) * step
+    blocks = batch * _cdiv(E, cfg.bwd_block_e)
+    n_chunks = max(1, min(_cdiv(L, 32), cfg.bwd_programs // blocks))
+    return _cdiv(_cdiv(L, n_chunks), step) * step
 
 
 def _direction_args(u, delta, A, B, C, D, bias):
@@ -436,21 +517,21 @@ def _carry(loc, sums, A, reverse: bool, cfg: ScanConfig):
     """Pass 2: incoming state of every chunk from the chunk summaries (batch, E, chunks, N)."""
     batch, E, n_chunks, N = loc.shape
     carry_in = torch.zeros_like(loc)
-    block_e = cfg.block_e
+    block_e = min(cfg.block_e, 8)  # (block_c, block_e, N) tiles
     _carry_kernel[(_cdiv(E, block_e), batch)](
         loc, sums, A, carry_in, E, N, n_chunks, REVERSE=reverse, BLOCK_E=block_e,
         BLOCK_N=triton.next_power_of_2(N), BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
     return carry_in
 
 
-def _forward(fwd, bwd, z, cfg: ScanConfig):
+def _forward(fwd, bwd, z, block_l: int, cfg: ScanConfig):
     """Merged output and the chunks' incoming states / dt sums (what backward needs)."""
     u, A = fwd[0], fwd[14]
     batch, E, L = u.shape
     N = A.shape[1]
-    n_chunks = _cdiv(L, cfg.block_l)
-    consts = dict(BLOCK_E=cfg.block_e, BLOCK_N=triton.next_power_of_2(N), BLOCK_L=cfg.block_l,
-                  num_warps=cfg.num_warps)
+    n_chunks = _cdiv(L, block_l)
+    consts = dict(BLOCK_E=cfg.block_e, BLOCK_N=triton.next_power_of_2(N), chunk_l=block_l,
+                  STEP=cfg.step_l, num_warps=cfg.num_warps)
     grid = (n_chunks, batch, _cdiv(E, cfg.block_e))
     out = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
     if n_chunks > 1:
@@ -470,44 +551,42 @@ def _forward(fwd, bwd, z, cfg: ScanConfig):
     return out, (h_f, h_b, sum_f, sum_b)
 
 
-def _backward(fwd, bwd, z, dout, states, cfg: ScanConfig):
+def _backward(fwd, bwd, z, dout, states, block_l: int, cfg: ScanConfig):
     """Gradients of both directions (in input order) and of z."""
     h_f, h_b, sum_f, sum_b = states
     u_f, A_f, u_b, A_b = fwd[0], fwd[14], bwd[0], bwd[14]
     batch, E, L = u_f.shape
     N = A_f.shape[1]
-    BLOCK_N = triton.next_power_of_2(N)
-    n_chunks = _cdiv(L, cfg.block_l)
+    n_chunks = _cdiv(L, block_l)
+    n_ck = n_chunks * (block_l // cfg.step_l)
+    consts = dict(BLOCK_E=cfg.bwd_block_e, BLOCK_N=triton.next_power_of_2(N), chunk_l=block_l,
+                  STEP=cfg.step_l, num_warps=cfg.bwd_num_warps)
+    grid = (n_chunks, batch, _cdiv(E, cfg.bwd_block_e))
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    has_carry = n_chunks > 1
-    if has_carry:  # adjoint summaries (pass 1) and carries (pass 2)
+    if n_chunks > 1:  # adjoint summaries (pass 1) and carries (pass 2)
         q_f, q_b = torch.empty_like(h_f), torch.empty_like(h_b)
-        _bwd_summary_kernel[(n_chunks, batch, _cdiv(E, cfg.block_e))](
+        _bwd_summary_kernel[grid](
             *_adjoint_args(fwd), *_adjoint_args(bwd), z, z.stride(0), z.stride(1),
-            dout, dout.stride(0), dout.stride(1), q_f, q_b, E, L, N, n_chunks,
-            BLOCK_E=cfg.block_e, BLOCK_N=BLOCK_N, BLOCK_L=cfg.block_l, num_warps=cfg.num_warps)
+            dout, dout.stride(0), dout.stride(1), q_f, q_b, E, L, N, n_chunks, **consts)
         q_f = _carry(q_f, sum_f, A_f, True, cfg)  # forward direction: gradients flow leftwards
         q_b = _carry(q_b, sum_b, A_b, False, cfg)
-    else:
-        q_f = q_b = h_f
-    grads = []
-    for d in (fwd, bwd):
-        f32 = dict(dtype=torch.float32, device=u_f.device)
-        grads.append(dict(
-            du=torch.empty((batch, E, L), dtype=d[0].dtype, device=u_f.device),
-            ddelta=torch.empty((batch, E, L), dtype=d[3].dtype, device=u_f.device),
-            dA=torch.zeros(E, N, **f32), dD=torch.zeros(E, **f32), dbias=torch.zeros(E, **f32),
-            dB=torch.zeros(batch, N, L, **f32), dC=torch.zeros(batch, N, L, **f32)))
+    else:  # one chunk: everything starts from zero
+        h_f = h_b = q_f = q_b = torch.zeros(batch, E, 1, N, dtype=torch.float32,
+                                            device=u_f.device)
+    f32 = dict(dtype=torch.float32, device=u_f.device)
     dz = torch.empty((batch, E, L), dtype=z.dtype, device=z.device)
-    # split the channel loop only as far as needed to fill the GPU (each split adds dB/dC once)
-    splits = min(_cdiv(E, cfg.bwd_block_e), max(1, _cdiv(cfg.bwd_programs, n_chunks * batch)))
-    e_per_prog = _cdiv(_cdiv(E, splits), cfg.bwd_block_e) * cfg.bwd_block_e
-    keys = ('du', 'ddelta', 'dA', 'dD', 'dbias', 'dB', 'dC')
-    _bwd_kernel[(n_chunks, batch, _cdiv(E, e_per_prog))](
-        *fwd, *bwd, z, z.stride(0), z.stride(1), dout, dout.stride(0), dout.stride(1),
-        h_f, h_b, q_f, q_b, *(grads[0][k] for k in keys), *(grads[1][k] for k in keys), dz,
-        E, L, N, n_chunks, e_per_prog, HAS_CARRY=has_carry, BLOCK_E=cfg.bwd_block_e,
-        BLOCK_N=BLOCK_N, BLOCK_L=cfg.block_l, num_warps=cfg.bwd_num_warps)
+    ckpt = torch.empty(batch, n_ck, N, E, **f32)  # states at every step_l-th token
+    grads = []
+    for d, h, q in ((fwd, h_f, q_f), (bwd, h_b, q_b)):
+        g = dict(du=torch.empty((batch, E, L), dtype=d[0].dtype, device=u_f.device),
+                 ddelta=torch.empty((batch, E, L), dtype=d[3].dtype, device=u_f.device),
+                 dA=torch.zeros(E, N, **f32), dD=torch.zeros(E, **f32),
+                 dbias=torch.zeros(E, **f32), dB=torch.zeros(batch, N, L, **f32),
+                 dC=torch.zeros(batch, N, L, **f32))
+        _bwd_kernel[grid](*d, z, z.stride(0), z.stride(1), dout, dout.stride(0),
+                          dout.stride(1), h, q, ckpt, *g.values(), dz, E, L, N, n_chunks,
+                          n_ck, REVERSE=d is bwd, FIRST=d is fwd, **consts)
+        grads.append(g)
     return grads, dz
 
 
@@ -521,8 +600,9 @@ class BidirectionalSelectiveScanFn(torch.autograd.Function):
         z = z if z.stride(-1) == 1 else z.contiguous()
         fwd = _direction_args(u_f, delta_f, A_f, B_f, C_f, D_f, bias_f)
         bwd = _direction_args(u_b, delta_b, A_b, B_b, C_b, D_b, bias_b)
-        out, states = _forward(fwd, bwd, z, cfg)
-        ctx.cfg = cfg
+        block_l = _chunk_length(u_f.shape[0], u_f.shape[1], u_f.shape[2], cfg)
+        out, states = _forward(fwd, bwd, z, block_l, cfg)
+        ctx.cfg, ctx.block_l = cfg, block_l
         ctx.squeeze = (B_f.dim() == 4, C_f.dim() == 4, B_b.dim() == 4, C_b.dim() == 4)
         ctx.dtypes = [tuple(t.dtype for t in params) for params in
                       ((A_f, B_f, C_f, D_f, bias_f), (A_b, B_b, C_b, D_b, bias_b))]
@@ -536,7 +616,7 @@ class BidirectionalSelectiveScanFn(torch.autograd.Function):
         fwd = _direction_args(*saved[0:2], saved[4], saved[2], saved[3], *saved[5:7])
         bwd = _direction_args(*saved[7:9], saved[11], saved[9], saved[10], *saved[12:14])
         z, states = saved[14], saved[15:19]
-        grads, dz = _backward(fwd, bwd, z, dout, states, ctx.cfg)
+        grads, dz = _backward(fwd, bwd, z, dout, states, ctx.block_l, ctx.cfg)
         result = []
         for g, dtypes, (sq_B, sq_C) in zip(grads, ctx.dtypes,
                                            (ctx.squeeze[0:2], ctx.squeeze[2:4])):
