@@ -26,6 +26,7 @@ DEMO_PALETTE = [(220, 20, 60), (0, 128, 255), (60, 180, 75)]
 COLOURS = np.array([(230, 50, 50), (50, 200, 60), (60, 90, 235), (240, 220, 40), (240, 240, 240),
                     (200, 60, 220)], dtype=np.float32)
 MARKER = '.vim_demo_det_complete'
+VERSION = 2  # bump when the generated data changes, so stale copies are regenerated
 
 
 def shape_polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> np.ndarray:
@@ -111,15 +112,20 @@ def generate_demo_shapes(root: str, num_train: int = 200, num_val: int = 50, siz
     _write_split(root, 'train', num_train, size, rng)
     _write_split(root, 'val', num_val, size, rng)
     with open(osp.join(root, MARKER), 'w') as f:
-        json.dump(dict(num_train=num_train, num_val=num_val, size=size, seed=seed), f)
+        json.dump(dict(version=VERSION, num_train=num_train, num_val=num_val, size=size,
+                       seed=seed), f)
     return root
 
 
 def ensure_demo_shapes(root: str, **kwargs) -> str:
-    """Generate the demo data into ``root`` unless a previous run completed it there."""
-    if not osp.isfile(osp.join(root, MARKER)):
-        generate_demo_shapes(root, **kwargs)
-    return root
+    """Generate the demo data into ``root`` unless this generator version completed it there
+    (of any size: a smaller set made with ``generate_demo_shapes`` is used as it is)."""
+    marker = osp.join(root, MARKER)
+    if osp.isfile(marker):
+        with open(marker) as f:
+            if json.load(f).get('version') == VERSION:
+                return root
+    return generate_demo_shapes(root, **kwargs)
 
 
 try:
@@ -135,11 +141,13 @@ if CocoDataset is not None:
 
         METAINFO = dict(classes=DEMO_CLASSES, palette=DEMO_PALETTE)
 
-        def __init__(self, *args, data_root: str | None = None, **kwargs):
+        def __init__(self, *args, data_root: str | None = None, lazy_init: bool = False,
+                     **kwargs):
             if not data_root:
                 raise ValueError('VimDemoCocoDataset needs data_root: the folder it generates '
                                  'the demo shapes into (e.g. data/demo_shapes/).')
-            ensure_demo_shapes(data_root)
-            super().__init__(*args, data_root=data_root, **kwargs)
+            if not lazy_init:  # lazy: only the metainfo is wanted (e.g. by init_detector)
+                ensure_demo_shapes(data_root)
+            super().__init__(*args, data_root=data_root, lazy_init=lazy_init, **kwargs)
 
     register_everywhere('DATASETS', VimDemoCocoDataset, packages=['mmdet'])

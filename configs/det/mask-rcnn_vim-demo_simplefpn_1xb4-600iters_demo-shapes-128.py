@@ -1,0 +1,111 @@
+# CPU demo: Mask R-CNN + the 4-layer 'demo' Vim on the built-in shapes dataset (discs, squares,
+# triangles; generated into data/demo_shapes/ on first use). Same architecture and pipeline as
+# the COCO configs (SimpleFPN, LN heads, LSJ crop + fixed-size batch pad), scaled down to
+# 128x128 images and 64 channels:
+#   OMP_NUM_THREADS=1 python tools/train.py \
+#       configs/det/mask-rcnn_vim-demo_simplefpn_1xb4-600iters_demo-shapes-128.py
+# Measured on a shared, busy 2-core CPU: ~14 min, box AP 0.026 / mask AP 0.014. From scratch,
+# 600 iterations train the RPN but leave the RoI heads barely started: a pipeline check, not a
+# useful detector; raise max_iters (and the PolyLR end with it) for real accuracy.
+_base_ = [
+    './_base_/models/mask_rcnn_vim_simplefpn.py',
+    './_base_/default_runtime.py',
+]
+
+image_size = (128, 128)
+channels = 64
+num_classes = 3
+
+model = dict(
+    data_preprocessor=dict(
+        batch_augments=[dict(type='BatchFixedSizePad', size=image_size, pad_mask=True)]),
+    backbone=dict(arch='demo', img_size=image_size, out_indices=(3, ), drop_path_rate=0.0),
+    neck=dict(in_channels=64, out_channels=channels),
+    rpn_head=dict(
+        in_channels=channels,
+        feat_channels=channels,
+        # objects are 25-75 px: anchors of 16..256 px on strides 4..64
+        anchor_generator=dict(scales=[4])),
+    # RoI heads: same layout (4conv1fc box head, FCN mask head, LN), thinner and fewer RoIs;
+    # on a CPU they cost more than the backbone
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=channels),
+        bbox_head=dict(in_channels=channels, conv_out_channels=32, fc_out_channels=256,
+                       num_classes=num_classes),
+        mask_roi_extractor=dict(out_channels=channels),
+        mask_head=dict(num_convs=2, in_channels=channels, conv_out_channels=32,
+                       num_classes=num_classes)),
+    train_cfg=dict(
+        rpn_proposal=dict(nms_pre=1000, max_per_img=300),
+        rcnn=dict(sampler=dict(num=64))),
+    test_cfg=dict(
+        rpn=dict(nms_pre=500, max_per_img=100),
+        rcnn=dict(max_per_img=20)))
+
+dataset_type = 'VimDemoCocoDataset'
+data_root = 'data/demo_shapes/'
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='RandomResize', scale=image_size, ratio_range=(0.75, 1.25), keep_ratio=True),
+    dict(type='RandomCrop', crop_type='absolute_range', crop_size=image_size,
+         recompute_bbox=True, allow_negative_crop=True),
+    dict(type='FilterAnnotations', min_gt_bbox_wh=(1e-2, 1e-2)),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=image_size, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size=4,
+    num_workers=1,
+    persistent_workers=True,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        ann_file='annotations/instances_train.json',
+        data_prefix=dict(img='train/'),
+        filter_cfg=dict(filter_empty_gt=True),
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=8,
+    num_workers=1,
+    persistent_workers=True,
+    drop_last=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        ann_file='annotations/instances_val.json',
+        data_prefix=dict(img='val/'),
+        test_mode=True,
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(
+    type='CocoMetric', ann_file=data_root + 'annotations/instances_val.json',
+    metric=['bbox', 'segm'])
+test_evaluator = val_evaluator
+
+max_iters = 600
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+optim_wrapper = dict(
+    type='OptimWrapper',
+    constructor='VimLayerDecayOptimWrapperConstructor',
+    paramwise_cfg=dict(layer_decay_rate=1.0),
+    optimizer=dict(type='AdamW', lr=3e-4, betas=(0.9, 0.999), weight_decay=0.05))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
+    dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=50, end=max_iters),
+]
+default_hooks = dict(
+    logger=dict(interval=20),
+    checkpoint=dict(interval=max_iters, max_keep_ckpts=1))
+randomness = dict(seed=0)
