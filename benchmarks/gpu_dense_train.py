@@ -103,7 +103,7 @@ def seg_part(iters):
 
 
 def det_part(iters):
-    demo = cfg_of('configs/det/mask-rcnn_vim-demo_simplefpn_1xb8-1k_demo-shapes-128.py')
+    demo = cfg_of('configs/det/mask-rcnn_vim-demo_simplefpn_1xb4-600iters_demo-shapes-128.py')
     results = {}
     runner = None
     for with_cp in (False, True):
