@@ -107,3 +107,22 @@ def test_missing_pretrained_file_fails_at_init():
     model = VisionMamba('demo', init_cfg=dict(type='Pretrained', checkpoint='nope/vim.pth'))
     with pytest.raises(FileNotFoundError, match='init_cfg.checkpoint'):
         model.init_weights()
+
+
+def test_tools_test_evaluates_an_authors_checkpoint(tmp_path):
+    """`tools/test.py <cls config> <their .pth>` needs nothing else (demo-sized weights)."""
+    sd = authors_state_dict(embed_dims=64, depth=4, d_state=8, grid=4, num_classes=4)
+    path = tmp_path / 'vim_demo_authors_format.pth'
+    save_authors_checkpoint(path, sd)
+    data_root = tmp_path / 'shapes'
+    proc = subprocess.run(
+        [sys.executable, 'tools/test.py', 'configs/cls/vim-demo_demo-shapes.py', str(path),
+         '--work-dir', str(tmp_path / 'work'), '--cfg-options',
+         f'test_dataloader.dataset.data_root={data_root}',
+         f'val_dataloader.dataset.data_root={data_root}',
+         f'train_dataloader.dataset.data_root={data_root}'],
+        capture_output=True, text=True, cwd=ROOT, env={**__import__('os').environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "'accuracy/top1'" in proc.stdout
+    log = proc.stdout + proc.stderr
+    assert 'unexpected key' not in log and 'missing keys in source state_dict' not in log

@@ -173,7 +173,7 @@ def constant_baseline_miou(root) -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------------------ dataset
-@DATASETS.register_module()
+@DATASETS.register_module(force=True)
 class VimDemoSegDataset(BaseSegDataset):
     """The generated shapes dataset; writes itself into ``data_root`` on first use.
 
