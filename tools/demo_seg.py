@@ -4,7 +4,7 @@
 
 e.g. after ``python tools/train.py configs/seg/upernet_vim_demo.py``:
     python tools/demo_seg.py data/vim_demo_seg/images/validation/demo_validation_00000.jpg \
-        configs/seg/upernet_vim_demo.py work_dirs/upernet_vim_demo/iter_500.pth --out demo.png
+        configs/seg/upernet_vim_demo.py work_dirs/upernet_vim_demo/iter_1500.pth --out demo.png
 """
 import argparse
 import os.path as osp

@@ -9,6 +9,6 @@ from ..models import VisionMamba
 
 register_everywhere('MODELS', VisionMamba)
 
-from . import necks, optim  # noqa: E402,F401
+from . import ln2d, necks, optim  # noqa: E402,F401
 from . import classifier  # noqa: E402,F401
 from . import datasets, distributed  # noqa: E402,F401

@@ -1,8 +1,8 @@
 # Runtime shared by the Vim detection configs (all iteration-based, mmdet 3.x scope).
 default_scope = 'mmdet'
-# vim_mm registers VisionMamba, SimpleFPN and the demo dataset; vim_mm.mm.ln2d registers
-# SimpleFPN's LayerNorm2d as 'LN2d' for mmdet's box and mask heads.
-custom_imports = dict(imports=['vim_mm', 'vim_mm.mm.ln2d'], allow_failed_imports=False)
+# vim_mm registers VisionMamba, SimpleFPN, 'LN2d' (for mmdet's box and mask heads) and the demo
+# dataset.
+custom_imports = dict(imports=['vim_mm'], allow_failed_imports=False)
 
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),
