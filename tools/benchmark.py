@@ -135,7 +135,8 @@ def main():
     parser.add_argument('--batch', nargs='+', type=int, default=[16],
                         help='one batch size, or one per resolution')
     parser.add_argument('--mode', nargs='+', choices=['infer', 'train'], default=['infer'])
-    parser.add_argument('--dtype', choices=['bf16', 'fp16', 'fp32'], default='bf16')
+    parser.add_argument('--dtype', choices=['bf16', 'fp16', 'fp32'], default=None,
+                        help='autocast dtype (default: bf16 on CUDA, fp32 on CPU, where bf16 is slower)')
     parser.add_argument('--backend', default=None, help='Vim mixer path: auto, cuda, torch')
     parser.add_argument('--neck', action='store_true', help='backbone + SimpleFPN neck')
     parser.add_argument('--warmup', type=int, default=3)
@@ -147,8 +148,9 @@ def main():
     if len(args.batch) not in (1, len(args.res)):
         parser.error('--batch takes one value or one per --res')
     batches = args.batch * len(args.res) if len(args.batch) == 1 else args.batch
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
     device = torch.device(args.device)
+    args.dtype = args.dtype or ('bf16' if device.type == 'cuda' else 'fp32')
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
     import vim_mm  # noqa: F401  (registers; logs the mixer path)
