@@ -23,7 +23,7 @@ def die(message: str):
 
 
 def load_config(path: str, cfg_options=None):
-    from mmengine.config import Config, DictAction  # noqa: F401
+    from mmengine.config import Config
     if not osp.isfile(path):
         here = osp.dirname(path) or '.'
         near = sorted(f for f in os.listdir(here) if f.endswith('.py')) if osp.isdir(here) else []

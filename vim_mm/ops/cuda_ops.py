@@ -60,7 +60,7 @@ def _direction_backward(x, z, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D
     conv_flat = conv_out.transpose(1, 2).reshape(-1, conv_out.shape[1])
     dx_proj_w = dx_dbl.t() @ conv_flat
     dconv_out = dconv_out + (dx_dbl @ x_proj_w).view(batch, L, -1).transpose(1, 2)
-    dx_, dconv_w, dconv_b, _ = causal_conv1d_bwd_function(
+    _, dconv_w, dconv_b, _ = causal_conv1d_bwd_function(  # writes dx in place
         x, conv_w, conv_b, dconv_out.contiguous(), None, None, None, dx, False, True)
     return out_z, (dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD)
 
