@@ -9,6 +9,7 @@
 # useful detector; raise max_iters (and the PolyLR end with it) for real accuracy.
 _base_ = [
     './_base_/models/mask_rcnn_vim_simplefpn.py',
+    './_base_/datasets/coco_instance_lsj_1024.py',
     './_base_/default_runtime.py',
 ]
 
@@ -44,52 +45,36 @@ model = dict(
 
 dataset_type = 'VimDemoCocoDataset'
 data_root = 'data/demo_shapes/'
+# the COCO LSJ pipelines at 128 px, with milder jitter and no test-time pad
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='RandomResize', scale=image_size, ratio_range=(0.75, 1.25), keep_ratio=True),
-    dict(type='RandomCrop', crop_type='absolute_range', crop_size=image_size,
-         recompute_bbox=True, allow_negative_crop=True),
-    dict(type='FilterAnnotations', min_gt_bbox_wh=(1e-2, 1e-2)),
-    dict(type='PackDetInputs'),
+    dict(t, scale=image_size, ratio_range=(0.75, 1.25)) if t['type'] == 'RandomResize' else
+    dict(t, crop_size=image_size) if t['type'] == 'RandomCrop' else t
+    for t in _base_.train_pipeline
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=image_size, keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+    dict(t, scale=image_size) if t['type'] == 'Resize' else t
+    for t in _base_.test_pipeline if t['type'] != 'Pad'
 ]
 train_dataloader = dict(
     batch_size=4,
     num_workers=1,
-    persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
         ann_file='annotations/instances_train.json',
         data_prefix=dict(img='train/'),
-        filter_cfg=dict(filter_empty_gt=True),
         pipeline=train_pipeline))
 val_dataloader = dict(
     batch_size=8,
     num_workers=1,
-    persistent_workers=True,
-    drop_last=False,
-    sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
         ann_file='annotations/instances_val.json',
         data_prefix=dict(img='val/'),
-        test_mode=True,
         pipeline=test_pipeline))
 test_dataloader = val_dataloader
-val_evaluator = dict(
-    type='CocoMetric', ann_file=data_root + 'annotations/instances_val.json',
-    metric=['bbox', 'segm'])
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
 max_iters = 600
