@@ -22,6 +22,13 @@ def die(message: str):
     sys.exit(2)
 
 
+def require_files(**paths):
+    """Fail with one clear line for the first argument whose file does not exist."""
+    for what, path in paths.items():
+        if not osp.isfile(path):
+            die(f'{what} {path!r} does not exist')
+
+
 def load_config(path: str, cfg_options=None):
     from mmengine.config import Config
     if not osp.isfile(path):

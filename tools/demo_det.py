@@ -6,10 +6,8 @@ Draws the predicted boxes, masks, class names and scores (mmdet's DetLocalVisual
 image and writes it to --out.
 """
 import argparse
-import os.path as osp
-import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
+from _common import require_files  # also puts the checkout on sys.path
 
 
 def parse_args():
@@ -26,10 +24,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    for what, path in (('image', args.img), ('config', args.config),
-                       ('checkpoint', args.checkpoint)):
-        if not osp.isfile(path):
-            sys.exit(f'error: {what} {path!r} does not exist')
+    require_files(image=args.img, config=args.config, checkpoint=args.checkpoint)
 
     import mmcv
     import vim_mm  # noqa: F401  (registers VisionMamba, SimpleFPN, LN2d, the demo datasets)

@@ -7,9 +7,8 @@ e.g. after ``python tools/train.py configs/seg/upernet_vim_demo.py``:
         configs/seg/upernet_vim_demo.py work_dirs/upernet_vim_demo/iter_1500.pth --out demo.png
 """
 import argparse
-import os.path as osp
 
-from _common import die
+from _common import die, require_files
 
 
 def parse_args():
@@ -26,10 +25,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    for what, path in (('image', args.img), ('config', args.config),
-                       ('checkpoint', args.checkpoint)):
-        if not osp.isfile(path):
-            die(f'{what} {path!r} does not exist')
+    require_files(image=args.img, config=args.config, checkpoint=args.checkpoint)
     if not 0 < args.opacity <= 1:
         die(f'--opacity must be in (0, 1], got {args.opacity}')
 
