@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mmengine.dist import get_world_size
-from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from .registry import register_everywhere
@@ -24,18 +22,18 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 def build_norm(norm_cfg: dict | None, channels: int) -> nn.Module:
-    """'BN', 'SyncBN' (BN when not distributed), 'GN' (num_groups) or 'LN' / 'LN2d'."""
+    """'BN', 'SyncBN', 'GN' (num_groups) or 'LN' / 'LN2d'.
+
+    SyncBN becomes BN in single-process runs like every other SyncBN of the model: mmengine's
+    Runner applies ``revert_sync_batchnorm`` when it is not distributed.
+    """
     if norm_cfg is None:
         return nn.Identity()
     cfg = dict(norm_cfg)
     kind = cfg.pop('type')
     cfg.pop('requires_grad', None)
     if kind == 'SyncBN':
-        if get_world_size() > 1:
-            return nn.SyncBatchNorm(channels, **cfg)
-        print_log('SimpleFPN: SyncBN needs a distributed run; using BN in this single process',
-                  logger='current')
-        kind = 'BN'
+        return nn.SyncBatchNorm(channels, **cfg)
     if kind == 'BN':
         return nn.BatchNorm2d(channels, **cfg)
     if kind == 'GN':
