@@ -57,7 +57,8 @@ if ! have mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 
   "$PY" -m pip install -q $MM_PINS pycocotools pytest
 fi
 
-VIM_HOME=$("$PY" -c 'import importlib.util as u, os; s = u.find_spec("vim_mm"); print(os.path.dirname(os.path.dirname(s.origin)) if s else "")' 2>/dev/null || true)
+# asked from / so the checkout in the current directory does not count as installed
+VIM_HOME=$(cd / && "$PY" -c 'import importlib.util as u, os; s = u.find_spec("vim_mm"); print(os.path.dirname(os.path.dirname(s.origin)) if s else "")' 2>/dev/null || true)
 if [ "$VIM_HOME" != "$PWD" ]; then
   log "installing vim_mm (editable) from $PWD"
   "$PY" -m pip install -q --no-deps --no-build-isolation -e .
