@@ -109,6 +109,24 @@ def test_simplefpn_det_levels(hw):
         (2, 256, math.ceil(hw[0] / s), math.ceil(hw[1] / s)) for s in (4, 8, 16, 32, 64)]
 
 
+def test_rcnn_roi_features_match_torchvision():
+    """mmcv's RoIAlign reads raw NCHW memory: the neck must hand it contiguous maps (a permuted
+    LayerNorm2d output once fed the RoI heads scrambled features). torchvision's RoIAlign
+    honours strides and is the reference."""
+    from mmcv.ops import roi_align as mmcv_roi_align
+    from torchvision.ops import roi_align as tv_roi_align
+
+    from vim_mm.mm.necks import SimpleFPN
+    torch.manual_seed(0)
+    neck = SimpleFPN(in_channels=16, out_channels=8, num_outs=5, norm_cfg=dict(type='LN2d'))
+    with torch.no_grad():
+        outs = neck(torch.randn(2, 16, 6, 10))
+    rois = torch.tensor([[0, 3.0, 2.0, 30.0, 20.0], [1, 10.0, 5.5, 37.0, 23.0]])
+    for level, stride in zip(outs, (4, 8, 16, 32)):
+        ours = mmcv_roi_align(level, rois, (7, 7), 1 / stride, 0, 'avg', True)
+        torch.testing.assert_close(ours, tv_roi_align(level, rois, (7, 7), 1 / stride, 0, True))
+
+
 def tiny_rcnn_cfg(path, channels=32):
     """The COCO config with the demo Vim, thin heads, 3 classes and few RoIs, for a CPU forward."""
     cfg = Config.fromfile(path)

@@ -15,10 +15,15 @@ from .registry import register_everywhere
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map."""
+    """LayerNorm over the channels of a (B, C, H, W) map.
+
+    The result is made contiguous again: mmcv's RoIAlign reads its input as raw NCHW memory and
+    silently samples garbage from a permuted (channels-last strided) map, which left the RoI
+    heads of a SimpleFPN detector unable to learn.
+    """
 
     def forward(self, x):
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
 
 
 def build_norm(norm_cfg: dict | None, channels: int) -> nn.Module:
