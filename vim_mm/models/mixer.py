@@ -65,7 +65,10 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, d_model) -> (B, L, d_model)."""
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
+        # (B, 2E, L) computed channel-first, as the conv and scan read it: no transpose copy
+        weight = self.in_proj.weight
+        xz = torch.bmm(weight.expand(hidden_states.shape[0], *weight.shape),
+                       hidden_states.transpose(1, 2))
         fwd, bwd = self.direction_params(''), self.direction_params('_b')
         backend = resolve_backend(self.backend, hidden_states.device.type)
         if backend == 'cuda':
