@@ -44,7 +44,10 @@ def run_case(arch, res, batch, with_cls, seed=0):
     worst = max(grad_errs, key=grad_errs.get)
     errs.update(max_param_grad=grad_errs[worst], worst_param=worst,
                 median_param_grad=sorted(grad_errs.values())[len(grad_errs) // 2])
-    return dict(arch=arch, res=res, batch=batch, with_cls_token=with_cls, **errs)
+    from vim_mm.ops.cuda_ops import padded_length
+    tokens = (res // 16) ** 2 + with_cls
+    return dict(arch=arch, res=res, batch=batch, with_cls_token=with_cls, tokens=tokens,
+                kernel_length=padded_length(tokens), **errs)
 
 
 def main():
@@ -55,7 +58,8 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     rows = []
     for arch, res, batch, cls in (('tiny', 224, 4, True), ('tiny', 224, 2, False),
-                                  ('tiny', 1024, 1, False), ('tiny', 736, 1, True)):
+                                  ('tiny', 1024, 1, False), ('tiny', 736, 1, True),
+                                  ('tiny', 1248, 1, False)):  # 6084 tokens: padded to 6144
         row = run_case(arch, res, batch, cls)
         rows.append(row)
         print(json.dumps(row), flush=True)
