@@ -100,6 +100,31 @@ def test_drop_path_only_in_training():
     assert not torch.allclose(model(image)[0], model(image)[0])
 
 
+def test_fused_block_loop_is_the_residual_formula_with_drop_path():
+    """The blocks run as (out, stream, scale) with each add moved into the next norm; in
+    training with stochastic depth this must still be stream + drop(mixer(norm(stream)))
+    per block, every returned level included (same random draws, same order)."""
+    torch.manual_seed(0)
+    model = VisionMamba('demo', img_size=32, drop_path_rate=0.6, out_indices=(1, 3),
+                        out_type='raw').double().train()
+    image = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(1)
+    outs = model(image)
+    torch.manual_seed(1)
+    tokens, _ = model.patch_embed(image)
+    stream = tokens + model.pos_embed
+    expected = []
+    for index, layer in enumerate(model.layers):
+        out = layer.mixer(layer.norm(stream))
+        scale = layer.drop_path.row_scale(out)
+        stream = stream + (out if scale is None else out * scale[..., None])
+        if index in (1, 3):
+            expected.append(model.norm_f(stream) if index == 3 else stream)
+    for got, want in zip(outs, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(outs[-1], model.eval()(image)[-1])  # something was dropped
+
+
 def test_rope_changes_features_and_handles_cls_and_odd_grids():
     torch.manual_seed(0)
     plain = VisionMamba('demo', img_size=32, with_cls_token=True, out_type='cls_token').eval()

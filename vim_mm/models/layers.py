@@ -28,12 +28,18 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x):
+    def row_scale(self, x):
+        """None (keep everything) or the per-sample factor 0 or 1/keep, shaped x.shape[:1] + 1s
+        over the remaining dims but the last (one factor per token row)."""
         if self.drop_prob == 0. or not self.training:
-            return x
+            return None
         keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 2), dtype=torch.float32
+                           ).bernoulli_(keep).div_(keep)
+
+    def forward(self, x):
+        scale = self.row_scale(x)
+        return x if scale is None else x * scale[..., None].to(x.dtype)
 
     def extra_repr(self):
         return f'drop_prob={self.drop_prob}'

@@ -16,6 +16,7 @@ import torch.utils.checkpoint as cp
 
 from ..layers import (DropPath, PatchEmbed, RMSNorm, VisionRotaryEmbedding, insert_middle,
                       resize_pos_grid, split_middle, to_2tuple)
+from ...ops.norm import add_rms_norm
 from ..mixer import BiMambaMixer
 
 # Presets as data (Table 1 of the paper; "demo" is a CPU-sized model for the built-in demos).
@@ -31,7 +32,13 @@ NO_WEIGHT_DECAY = ('pos_embed', 'cls_token', 'A_log', 'A_b_log', 'D', 'D_b')
 
 
 class VimBlock(nn.Module):
-    """``stream + drop_path(mixer(norm(stream)))``; the stream keeps its (float32) dtype."""
+    """``stream + drop_path(mixer(norm(stream)))``, with the add moved into the next norm.
+
+    A block receives the previous block's mixer output ``x`` and its stochastic-depth
+    ``scale`` next to the ``residual`` stream they belong to, adds and normalises them in one
+    pass (``add_rms_norm``), and returns its own ``(out, stream, scale)``. The stream stays
+    float32 (float64 models: float64).
+    """
 
     def __init__(self, embed_dims, mixer_cfg: dict, drop_path: float = 0.):
         super().__init__()
@@ -39,11 +46,18 @@ class VimBlock(nn.Module):
         self.mixer = BiMambaMixer(embed_dims, **mixer_cfg)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, stream, rope=None):
-        hidden = self.norm(stream)
+    def forward(self, x, residual=None, scale=None, rope=None, fused: bool = True):
+        hidden, residual = add_rms_norm(x, residual, self.norm.weight, self.norm.eps, scale, fused)
         if rope is not None:
             hidden = VisionRotaryEmbedding.rotate(hidden, *rope)
-        return stream + self.drop_path(self.mixer(hidden)).to(stream.dtype)
+        out = self.mixer(hidden)
+        return out, residual, self.drop_path.row_scale(out)
+
+
+def add_branch(residual, x, scale=None):
+    """The stream after a block: ``residual + scale * x`` in the stream's dtype."""
+    x = x.to(residual.dtype)
+    return residual + (x if scale is None else x * scale.to(x.dtype)[..., None])
 
 
 class VisionMamba(nn.Module):
@@ -239,12 +253,16 @@ class VisionMamba(nn.Module):
 
         outs = []
         last = self.num_layers - 1
+        fused = self.active_backend != 'torch'  # the PyTorch path stays PyTorch end to end
+        x, residual, scale = stream, None, None
         for index, layer in enumerate(self.layers):
-            if self.with_cp and self.training and stream.requires_grad:
-                stream = cp.checkpoint(layer, stream, rope, use_reentrant=False)
+            if self.with_cp and self.training and x.requires_grad:
+                x, residual, scale = cp.checkpoint(layer, x, residual, scale, rope, fused,
+                                                   use_reentrant=False)
             else:
-                stream = layer(stream, rope)
+                x, residual, scale = layer(x, residual, scale, rope, fused)
             if index in self.out_indices:
+                stream = add_branch(residual, x, scale)
                 feat = self.norm_f(stream) if (index == last and self.final_norm) else stream
                 outs.append(self._format_output(feat, grid))
         return tuple(outs)

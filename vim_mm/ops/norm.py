@@ -1,0 +1,45 @@
+"""Residual add + RMSNorm in one pass: the first thing every Vim block does.
+
+``add_rms_norm(x, residual, weight, eps, rowscale)`` returns ``(normed, new_residual)`` with
+``new_residual = residual + rowscale * x`` (float32 or wider, the residual stream) and
+``normed = RMSNorm(new_residual) * weight`` in ``x``'s dtype (bf16 under autocast: what the
+next in_proj reads). On CUDA it is mamba-ssm's Triton kernel (the authors' ``fused_add_norm``):
+one read of x and residual, one write of each output, instead of ~8 elementwise passes and a
+dtype copy. Elsewhere, and with ``fused=False``, the PyTorch lines below compute the same thing.
+``rowscale`` (one factor per token row) carries stochastic depth into the add.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # part of the optional GPU extra (mamba-ssm)
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn as _triton_rms_norm_fn
+except Exception:  # not installed, or no Triton / GPU
+    _triton_rms_norm_fn = None
+
+FUSED_NORM_AVAILABLE = _triton_rms_norm_fn is not None
+
+
+def add_rms_norm_torch(x, residual, weight, eps, rowscale=None):
+    work = torch.promote_types(x.dtype, torch.float32)
+    added = x.to(work) if rowscale is None else x.to(work) * rowscale.to(work)[..., None]
+    new_residual = added if residual is None else residual + added.to(residual.dtype)
+    stream = new_residual
+    normed = stream * torch.rsqrt(stream.pow(2).mean(-1, keepdim=True) + eps) * weight.to(stream.dtype)
+    return normed.to(x.dtype), new_residual
+
+
+def use_fused_norm(x, residual, fused: bool = True) -> bool:
+    return (fused and FUSED_NORM_AVAILABLE and x.is_cuda
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (residual is None or residual.dtype == torch.float32))
+
+
+def add_rms_norm(x, residual, weight, eps: float, rowscale=None, fused: bool = True):
+    """See the module docstring. x: (..., C); residual: None or (..., C); rowscale: x.shape[:-1]."""
+    if use_fused_norm(x, residual, fused):
+        if rowscale is not None:
+            rowscale = rowscale.to(torch.float32).expand(x.shape[:-1])
+        return _triton_rms_norm_fn(x, weight, None, residual=residual, eps=eps, rowscale=rowscale,
+                                   prenorm=True, residual_in_fp32=True)
+    return add_rms_norm_torch(x, residual, weight, eps, rowscale)
