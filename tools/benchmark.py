@@ -53,6 +53,20 @@ def build(name: str, res: int, backend: str | None, neck: bool):
     return model
 
 
+def capture_cuda_graph(step):
+    """Record ``step`` (fixed shapes) once as a CUDA graph; the returned step replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream (Triton autotuning, allocations)
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def timed(fn, device, warmup, repeats):
     for _ in range(warmup):
         fn()
@@ -82,6 +96,8 @@ def measure(name, res, batch, mode, dtype, device, args):
         def step():
             with torch.no_grad(), autocast:
                 model(images)
+        if args.cuda_graph and device.type == 'cuda':
+            step = capture_cuda_graph(step)
     else:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -98,7 +114,8 @@ def measure(name, res, batch, mode, dtype, device, args):
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(step, device, args.warmup, args.repeats)
     row = dict(model=name, res=res, batch=batch, mode=mode, seconds=seconds,
-               img_per_s=batch / seconds)
+               img_per_s=batch / seconds,
+               cuda_graph=bool(args.cuda_graph and mode == 'infer' and device.type == 'cuda'))
     if device.type == 'cuda':
         row['peak_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
     if name.partition('@')[0] in VIM:
@@ -139,6 +156,8 @@ def main():
                         help='autocast dtype (default: bf16 on CUDA, fp32 on CPU, where bf16 is slower)')
     parser.add_argument('--backend', default=None, help='Vim mixer path: auto, cuda, torch')
     parser.add_argument('--neck', action='store_true', help='backbone + SimpleFPN neck')
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help='inference: capture one step as a CUDA graph and time its replays')
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -163,8 +182,12 @@ def main():
                     row = measure(name, res, batch, mode, dtype, device, args)
                 except torch.OutOfMemoryError:
                     row = dict(model=name, res=res, batch=batch, mode=mode, result='OOM')
+                except RuntimeError as exc:  # e.g. a CUDA graph capture that fails: record it
+                    row = dict(model=name, res=res, batch=batch, mode=mode, result='error',
+                               error=str(exc).splitlines()[0][:300])
                 rows.append(row)
-                shown = (f"{row['img_per_s']:9.1f} img/s" if 'img_per_s' in row else '      OOM')
+                shown = (f"{row['img_per_s']:9.1f} img/s" if 'img_per_s' in row
+                         else f"   {row['result']} {row.get('error', '')}")
                 mem = f"  {row['peak_mem_gb']:6.2f} GB" if 'peak_mem_gb' in row else ''
                 print(f'{mode:5s} {name:14s} {res:5d} b{batch:<4d} {shown}{mem}', flush=True)
                 if device.type == 'cuda':
