@@ -163,7 +163,18 @@ def main():
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', help='JSON file for the results')
     parser.add_argument('--plot', help='PNG file for the plot')
+    parser.add_argument('--from-json', nargs='+', metavar='JSON',
+                        help='measure nothing: plot the rows of these result files into --plot')
     args = parser.parse_args()
+    if args.from_json:
+        if not args.plot:
+            parser.error('--from-json needs --plot PNG')
+        rows = []
+        for path in args.from_json:
+            with open(path) as f:
+                rows += json.load(f)['results']
+        plot(rows, args.plot)
+        return
     if len(args.batch) not in (1, len(args.res)):
         parser.error('--batch takes one value or one per --res')
     batches = args.batch * len(args.res) if len(args.batch) == 1 else args.batch
