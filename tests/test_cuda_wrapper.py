@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vim_mm.models.mixer import BiMambaMixer
-from vim_mm.ops import causal_conv1d_torch, cuda_ops, selective_scan_torch
+from vim_mm.ops import causal_conv1d_torch, cuda_ops, linear_channel_first, selective_scan_torch
 
 
 class FakeSelectiveScanCuda:
@@ -70,7 +70,7 @@ def test_bimamba_inner_fn_matches_torch_path(fake_kernels, monkeypatch, length, 
     def run(path):
         mixer.zero_grad()
         hidden.grad = None
-        xz = torch.bmm(mixer.in_proj.weight.expand(2, -1, -1), hidden.transpose(1, 2))
+        xz = linear_channel_first(mixer.in_proj.weight, hidden.transpose(1, 2))
         fwd, bwd = mixer.direction_params(''), mixer.direction_params('_b')
         if path == 'cuda':
             out = cuda_ops.bimamba_inner_cuda(xz, fwd, bwd, mixer.out_proj.weight, mixer.out_proj.bias)

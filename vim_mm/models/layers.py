@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.norm import rms_norm
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in at least float32 (the residual stream is float32), no bias."""
@@ -17,12 +19,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x32.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (drops the whole branch output)."""
+    """Stochastic depth per sample (drops the whole branch output).
+
+    Vim applies it inside the fused residual add (``add_rms_norm``'s ``rowscale``), so the module
+    only draws the per-sample factors (``row_scale``) and is never called on a tensor itself.
+    """
 
     def __init__(self, drop_prob: float = 0.):
         super().__init__()
@@ -36,10 +41,6 @@ class DropPath(nn.Module):
         keep = 1 - self.drop_prob
         return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 2), dtype=torch.float32
                            ).bernoulli_(keep).div_(keep)
-
-    def forward(self, x):
-        scale = self.row_scale(x)
-        return x if scale is None else x * scale[..., None].to(x.dtype)
 
     def extra_repr(self):
         return f'drop_prob={self.drop_prob}'

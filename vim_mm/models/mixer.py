@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import bimamba_inner_cuda, mamba_inner_torch, resolve_backend
+from ..ops import bimamba_inner_cuda, linear_channel_first, mamba_inner_torch, resolve_backend
 
 
 class BiMambaMixer(nn.Module):
@@ -65,10 +65,7 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, d_model) -> (B, L, d_model)."""
-        # (B, 2E, L) computed channel-first, as the conv and scan read it: no transpose copy
-        weight = self.in_proj.weight
-        xz = torch.bmm(weight.expand(hidden_states.shape[0], *weight.shape),
-                       hidden_states.transpose(1, 2))
+        xz = linear_channel_first(self.in_proj.weight, hidden_states.transpose(1, 2))  # (B, 2E, L)
         fwd, bwd = self.direction_params(''), self.direction_params('_b')
         backend = resolve_backend(self.backend, hidden_states.device.type)
         if backend == 'cuda':

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .torch_ops import linear_channel_first
+
 try:  # the optional GPU extra: pip install vim_mm[cuda]
     import selective_scan_cuda
     from causal_conv1d.cpp_functions import (causal_conv1d_bwd_function,
@@ -52,17 +54,9 @@ def _both_directions(xz, length: int):
     return forward, forward.index_select(-1, index)  # one pass: reverse the tokens, keep pads
 
 
-def _bmm(weight, x):
-    """``weight @ x[b]`` for every b: (O, I) x (B, I, L) -> contiguous (B, O, L), no copy of x.
-
-    Channel-first in, channel-first out: what the conv and scan kernels read, so no
-    transpose copies are made around them (F.linear would need (B*L, I) rows)."""
-    return torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
-
-
 def _scan_inputs(x_dbl, dt_proj_w, dt_rank, d_state):
     """delta (B, E, L) and the contiguous (B, 1, N, L) B and C from x_dbl (B, R + 2N, L)."""
-    delta = _bmm(dt_proj_w, x_dbl[:, :dt_rank])
+    delta = linear_channel_first(dt_proj_w, x_dbl[:, :dt_rank])
     B = x_dbl[:, dt_rank:dt_rank + d_state].unsqueeze(1).contiguous()
     C = x_dbl[:, dt_rank + d_state:].unsqueeze(1).contiguous()
     return delta, B, C
@@ -72,7 +66,7 @@ def _direction_forward(x, z, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D)
     """Run one direction; returns what backward needs and the scan output."""
     dt_rank, d_state = dt_proj_w.shape[1], A.shape[-1]
     conv_out = causal_conv1d_fwd_function(x, conv_w, conv_b, None, None, None, True)
-    x_dbl = _bmm(x_proj_w, conv_out)  # (B, R + 2N, L)
+    x_dbl = linear_channel_first(x_proj_w, conv_out)  # (B, R + 2N, L)
     delta, B, C = _scan_inputs(x_dbl, dt_proj_w, dt_rank, d_state)
     out, scan_state, out_z = selective_scan_cuda.fwd(conv_out, delta, A, B, C, D, z, dt_bias, True)
     return x_dbl, out, scan_state, out_z
@@ -90,9 +84,9 @@ def _direction_backward(x, z, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D
     dx_dbl[:, dt_rank:dt_rank + d_state] = dB.squeeze(1)
     dx_dbl[:, dt_rank + d_state:] = dC.squeeze(1)
     ddt_proj_w = torch.bmm(ddelta, x_dbl[:, :dt_rank].transpose(1, 2)).sum(0)
-    dx_dbl[:, :dt_rank] = _bmm(dt_proj_w.t(), ddelta)
+    dx_dbl[:, :dt_rank] = linear_channel_first(dt_proj_w.t(), ddelta)
     dx_proj_w = torch.bmm(dx_dbl, conv_out.transpose(1, 2)).sum(0)
-    dconv_out = dconv_out + _bmm(x_proj_w.t(), dx_dbl)
+    dconv_out = dconv_out + linear_channel_first(x_proj_w.t(), dx_dbl)
     _, dconv_w, dconv_b, _ = causal_conv1d_bwd_function(  # writes dx in place
         x, conv_w, conv_b, dconv_out, None, None, None, dx, False, True)
     return out_z, (dconv_w, dconv_b, dx_proj_w, ddt_proj_w, ddt_bias, dA, dD)
@@ -140,7 +134,7 @@ class BiMambaInnerFn(torch.autograd.Function):
          conv_w_b, conv_b_b, x_proj_w_b, dt_proj_w_b, dt_bias_b, A_b, D_b,
          out_proj_w, x_dbl, x_dbl_b, out, out_b, scan_state, scan_state_b) = ctx.saved_tensors
         dout_t = dout.transpose(1, 2)  # (batch, D, L)
-        dmerged = _bmm(out_proj_w.t() * 0.5, dout_t)  # (batch, E, L)
+        dmerged = linear_channel_first(out_proj_w.t() * 0.5, dout_t)  # (batch, E, L)
         L = xz.shape[-1]
         xz_f, xz_r = _both_directions(xz, ctx.padded_length)
         dmerged_f, dmerged_r = _both_directions(dmerged, ctx.padded_length)

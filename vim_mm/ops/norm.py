@@ -20,13 +20,17 @@ except Exception:  # not installed, or no Triton / GPU
 FUSED_NORM_AVAILABLE = _triton_rms_norm_fn is not None
 
 
+def rms_norm(x, weight, eps: float):
+    """RMSNorm over the last dim, computed in at least float32, no bias."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
+
+
 def add_rms_norm_torch(x, residual, weight, eps, rowscale=None):
     work = torch.promote_types(x.dtype, torch.float32)
     added = x.to(work) if rowscale is None else x.to(work) * rowscale.to(work)[..., None]
     new_residual = added if residual is None else residual + added.to(residual.dtype)
-    stream = new_residual
-    normed = stream * torch.rsqrt(stream.pow(2).mean(-1, keepdim=True) + eps) * weight.to(stream.dtype)
-    return normed.to(x.dtype), new_residual
+    return rms_norm(new_residual, weight, eps).to(x.dtype), new_residual
 
 
 def use_fused_norm(x, residual, fused: bool = True) -> bool:
@@ -38,8 +42,8 @@ def use_fused_norm(x, residual, fused: bool = True) -> bool:
 def add_rms_norm(x, residual, weight, eps: float, rowscale=None, fused: bool = True):
     """See the module docstring. x: (..., C); residual: None or (..., C); rowscale: x.shape[:-1]."""
     if use_fused_norm(x, residual, fused):
-        if rowscale is not None:
-            rowscale = rowscale.to(torch.float32).expand(x.shape[:-1])
+        if rowscale is not None:  # one float32 factor per row of x
+            rowscale = rowscale.expand(x.shape[:-1])
         return _triton_rms_norm_fn(x, weight, None, residual=residual, eps=eps, rowscale=rowscale,
                                    prenorm=True, residual_in_fp32=True)
     return add_rms_norm_torch(x, residual, weight, eps, rowscale)

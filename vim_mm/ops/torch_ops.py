@@ -12,7 +12,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ['linear_recurrence', 'selective_scan_torch', 'causal_conv1d_torch', 'mamba_inner_torch']
+__all__ = ['linear_recurrence', 'selective_scan_torch', 'causal_conv1d_torch', 'mamba_inner_torch',
+           'linear_channel_first']
+
+
+def linear_channel_first(weight, x):
+    """``weight @ x[b]`` for every b: (O, I) x (B, I, L) -> contiguous (B, O, L), no copy of x.
+
+    Channel-first in and out, the layout the conv and scan kernels read: ``F.linear`` on a
+    transposed view would first copy it into (B*L, I) rows and return (B, L, O)."""
+    return torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
 
 
 def chunk_length(length: int) -> int:
