@@ -1,4 +1,5 @@
-"""Shared by tools/train.py and tools/test.py: config loading and the checks that fail early."""
+"""Shared by the tools: arguments and runner set-up of train.py / test.py, config loading and
+the checks that fail early."""
 from __future__ import annotations
 
 import os
@@ -120,3 +121,33 @@ def setup_visualization(cfg, show_dir: str):
         hook['out_dir'] = show_dir
     else:
         die(f'--show-dir: unknown default_scope {scope!r}')
+
+
+def add_runner_args(parser, cfg_example: str):
+    """--cfg-options, --launcher and --local_rank, as every OpenMMLab train/test script has."""
+    from mmengine.config import DictAction
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help=f'override config keys, e.g. {cfg_example}')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_runner_args(parser):
+    args = parser.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def apply_runner_args(cfg, args):
+    """Launcher and work dir (default ./work_dirs/<config name>, as mmdet/mmseg do)."""
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        './work_dirs', osp.splitext(osp.basename(args.config))[0])
+
+
+def build_runner(cfg):
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    from vim_mm.mm.distributed import prepare_cpu_distributed
+    prepare_cpu_distributed(cfg)  # multi-process on CPU (gloo); no-op with CUDA
+    return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)

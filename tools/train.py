@@ -4,14 +4,13 @@
     bash tools/dist_train.sh CONFIG NUM_GPUS [args]   # multi-GPU (torchrun), --launcher pytorch
 """
 import argparse
-import os
 import os.path as osp
 
-from _common import check_checkpoints, check_data, die, load_config
+from _common import (add_runner_args, apply_runner_args, build_runner, check_checkpoints,
+                     check_data, die, load_config, parse_runner_args)
 
 
 def parse_args():
-    from mmengine.config import DictAction
     parser = argparse.ArgumentParser(description='Train a vim_mm model')
     parser.add_argument('config', help='config file')
     parser.add_argument('--work-dir', help='where logs and checkpoints go '
@@ -20,21 +19,14 @@ def parse_args():
                         help='resume training: from CKPT, or without a value from the latest '
                         'checkpoint in the work dir')
     parser.add_argument('--amp', action='store_true', help='mixed precision (AmpOptimWrapper)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config keys, e.g. train_cfg.max_iters=1000')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_runner_args(parser, 'train_cfg.max_iters=1000')
+    return parse_runner_args(parser)
 
 
 def main():
     args = parse_args()
     cfg = load_config(args.config, args.cfg_options)
-    cfg.launcher = args.launcher
-    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
-        './work_dirs', osp.splitext(osp.basename(args.config))[0])
+    apply_runner_args(cfg, args)
     if args.amp:
         wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
         if wrapper not in ('OptimWrapper', 'AmpOptimWrapper'):
@@ -51,11 +43,7 @@ def main():
     if not cfg.get('resume'):
         check_checkpoints(cfg)
 
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-    from vim_mm.mm.distributed import prepare_cpu_distributed
-    prepare_cpu_distributed(cfg)  # multi-process on CPU (gloo); no-op with CUDA
-    runner = (Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg))
+    runner = build_runner(cfg)
     runner.train()
 
 
