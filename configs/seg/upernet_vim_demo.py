@@ -8,6 +8,7 @@
 # auxiliary head), only smaller: 64x64 images (a 4x4 token grid), plain BN, fp32.
 _base_ = [
     '_base_/models/upernet_vim.py',
+    '_base_/schedules/schedule_160k.py',
     '_base_/default_runtime.py',
 ]
 
@@ -69,18 +70,14 @@ test_evaluator = val_evaluator
 
 # ----------------------------------------------------------------------------- schedule
 max_iters = 1500  # about 5.5 min at 0.22 s/iter on 2 idle cores
-optim_wrapper = dict(
-    type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.01),
-    constructor='VimLayerDecayOptimWrapperConstructor',
-    paramwise_cfg=dict(layer_decay_rate=1.0))
+# the paper's AdamW schedule (_base_/schedules/schedule_160k.py) with a short warm-up, a higher
+# lr and 1500 iterations
+optim_wrapper = dict(optimizer=dict(lr=2e-3))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=50),
     dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=50, end=max_iters),
 ]
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
-val_cfg = dict(type='ValLoop')
-test_cfg = dict(type='TestLoop')
+train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 default_hooks = dict(
     logger=dict(interval=20),
     checkpoint=dict(interval=max_iters, max_keep_ckpts=2))
