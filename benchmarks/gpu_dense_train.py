@@ -113,28 +113,31 @@ def shrink_canvas(cfg, size):
                 t[key] = canvas
 
 
+def det_cfg(demo, with_cp):
+    """The COCO Cascade Mask R-CNN Vim-T config on the demo shapes (batch 2, 1024 LSJ)."""
+    cfg = cfg_of('configs/det/cascade-mask-rcnn_vim-t_simplefpn_8xb8-380k_coco-1024.py')
+    cfg.train_dataloader = copy.deepcopy(demo.train_dataloader)
+    cfg.train_dataloader.dataset.pipeline = cfg.train_pipeline
+    cfg.train_dataloader.update(batch_size=2, num_workers=4, persistent_workers=True)
+    cfg.model.backbone.init_cfg = None
+    cfg.model.backbone.with_cp = with_cp
+    if SMOKE:  # 1024x1024 does not fit a CPU's memory through the PyTorch scan
+        shrink_canvas(cfg, 256)
+    for head in cfg.model.roi_head.bbox_head:
+        head.num_classes = demo.num_classes
+    cfg.model.roi_head.mask_head.num_classes = demo.num_classes
+    return cfg
+
+
 def det_part(iters):
     demo = cfg_of('configs/det/mask-rcnn_vim-demo_simplefpn_1xb4-600iters_demo-shapes-128.py')
+    # a throw-away run warms the process up (Triton autotuning of the fused norm, cuDNN):
+    # without it the first timed run came out ~2x too slow (0.70 instead of 0.35 s/iter)
+    run_training(det_cfg(demo, False), min(iters, 10), log_interval=5)
     results = {}
-    runner = None
-    # the first run only warms the process up (Triton autotuning of the fused norm, cuDNN):
-    # without it the with_cp=False numbers came out ~2x too slow (0.70 instead of 0.35 s/iter)
-    for with_cp in ('warm-up', False, True):
-        cfg = cfg_of('configs/det/cascade-mask-rcnn_vim-t_simplefpn_8xb8-380k_coco-1024.py')
-        cfg.train_dataloader = copy.deepcopy(demo.train_dataloader)
-        cfg.train_dataloader.dataset.pipeline = cfg.train_pipeline
-        cfg.train_dataloader.update(batch_size=2, num_workers=4, persistent_workers=True)
-        cfg.model.backbone.init_cfg = None
-        cfg.model.backbone.with_cp = with_cp is True
-        if SMOKE:  # 1024x1024 does not fit a CPU's memory through the PyTorch scan
-            shrink_canvas(cfg, 256)
-        for head in cfg.model.roi_head.bbox_head:
-            head.num_classes = demo.num_classes
-        cfg.model.roi_head.mask_head.num_classes = demo.num_classes
-        runner, row = run_training(cfg, min(iters, 10) if with_cp == 'warm-up' else iters,
-                                   log_interval=5)
-        if with_cp == 'warm-up':
-            continue
+    for with_cp in (False, True):
+        cfg = det_cfg(demo, with_cp)
+        runner, row = run_training(cfg, iters, log_interval=5)
         results[f'cascade_vim-t_1024_b2_with_cp={with_cp}'] = row
         print('det with_cp', with_cp, {k: v for k, v in row.items() if k != 'loss_curve'}, flush=True)
     # inference: one 1024x1024 image at a time through the test pipeline
