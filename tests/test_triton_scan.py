@@ -41,16 +41,23 @@ def make_inputs(batch, E, N, L, layout='plain', seed=0):
             B = x_dbl[:, 2:2 + N].view(batch, L, N).permute(0, 2, 1)
             C = x_dbl[:, 2 + N:].view(batch, L, N).permute(0, 2, 1)
             delta = randn(E, batch * L, scale=0.5).view(E, batch, L).transpose(0, 1)
+        elif layout == 'token':  # token-major, as the Triton mixer produces them
+            x_dbl = randn(batch, L, 2 + 2 * N)
+            B, C = x_dbl[..., 2:2 + N].transpose(1, 2), x_dbl[..., 2 + N:].transpose(1, 2)
+            delta = randn(batch, L, E, scale=0.5).transpose(1, 2)
         else:
             B, C, delta = randn(batch, N, L), randn(batch, N, L), randn(batch, E, L, scale=0.5)
         if layout == 'grouped':  # mamba-ssm's (batch, groups=1, N, L)
             B, C = B.unsqueeze(1), C.unsqueeze(1)
         A = -(torch.rand(E, N, generator=g) * 2 + 0.1)
-        return dict(u=randn(batch, E, L), delta=delta, A=A, B=B, C=C, D=randn(E),
+        u = randn(batch, L, E).transpose(1, 2) if layout == 'token' else randn(batch, E, L)
+        return dict(u=u, delta=delta, A=A, B=B, C=C, D=randn(E),
                     bias=randn(E, scale=0.5))
 
     fwd, bwd = direction(), direction()
-    return [fwd[k] for k in NAMES] + [bwd[k] for k in NAMES] + [randn(batch, E, L)]
+    z = randn(batch, L, 2 * E)[..., E:].transpose(1, 2) if layout == 'token' else \
+        randn(batch, E, L)  # token-major z: the second half of in_proj's output
+    return [fwd[k] for k in NAMES] + [bwd[k] for k in NAMES] + [z]
 
 
 def rel_err(x, ref):
@@ -73,6 +80,7 @@ def leaves(inputs):
     (2, 6, 4, 37, dict(block_l=8, block_c=4), 'plain'),  # odd L, E % block_e != 0, 2 carry tiles
     (1, 8, 3, 70, dict(block_l=16, bwd_programs=64), 'plain'),  # batch 1, N=3, split backward
     (2, 5, 4, 23, dict(block_l=8), 'vim'),  # strided B / C / delta
+    (2, 6, 4, 29, dict(block_l=8, block_c=4), 'token'),  # every (batch, X, L) token-major
 ])
 def test_matches_torch_reference(batch, E, N, L, cfg, layout):
     config = triton_scan.ScanConfig(block_e=4, bwd_block_e=4, **cfg)
@@ -80,9 +88,12 @@ def test_matches_torch_reference(batch, E, N, L, cfg, layout):
     ours, ref = leaves(inputs), leaves(inputs)
     if layout == 'vim':  # the layouts the test means to cover really are strided
         assert not ours[1].is_contiguous() and ours[3].stride(-1) != 1
+    if layout == 'token':
+        assert all(t.stride(1) == 1 for t in (ours[0], ours[1], ours[3], ours[14]))
     out = triton_scan.bidirectional_selective_scan(*ours, config=config)
     expected = triton_scan.bidirectional_selective_scan_reference(*ref)
     assert out.shape == (batch, E, L) and out.dtype == torch.float32
+    assert (out.stride(1) == 1) == (layout == 'token')  # the output keeps u's layout
     assert rel_err(out, expected) < 1e-3
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     out.backward(grad)
@@ -91,6 +102,22 @@ def test_matches_torch_reference(batch, E, N, L, cfg, layout):
     for name, a, r in zip(names, ours, ref):
         assert a.grad.shape == r.grad.shape, name
         assert rel_err(a.grad, r.grad) < 1e-3, name
+
+
+@run_here
+def test_inference_forward_chunks_only_small_batches():
+    """Without gradients the forward picks its own chunking: one pass when the batch fills the
+    GPU, chunks (summaries + carries) otherwise; the output is the same either way."""
+    cfg = triton_scan.ScanConfig(block_e=4, fwd_programs=64, one_pass_programs=16)
+    assert triton_scan._chunk_length(4, 16, 70, cfg, inference=True) == 72  # 16 programs: one
+    assert triton_scan._chunk_length(1, 8, 70, cfg, inference=True) == 24  # 2 programs: 3 chunks
+    for batch, E in ((4, 16), (1, 8)):
+        inputs = make_inputs(batch, E, 4, 70, 'token', seed=batch)
+        with torch.no_grad():
+            out = triton_scan.bidirectional_selective_scan(*inputs, config=cfg)
+        expected = triton_scan.bidirectional_selective_scan_reference(
+            *(t.contiguous() for t in inputs))
+        assert rel_err(out, expected) < 1e-4
 
 
 @run_here
@@ -110,6 +137,28 @@ def test_reference_is_vims_flipped_branch():
     expected = (y_f + y_b) / 2 * torch.nn.functional.silu(z)
     out = triton_scan.bidirectional_selective_scan_reference(*inputs)
     assert rel_err(out, expected) < 1e-5
+
+
+@run_here
+@pytest.mark.parametrize('batch,L,E,block_l,block_e', [(2, 7, 6, 8, 4), (1, 41, 20, 8, 8)])
+def test_bidirectional_conv_is_vims_flipped_causal_conv(batch, L, E, block_l, block_e):
+    """Both directions' conv + SiLU from token-major x (a slice of in_proj's output), over
+    several token and channel tiles, against the per-direction definition with flips."""
+    from vim_mm.ops.torch_ops import causal_conv1d_torch
+    from vim_mm.ops.triton_conv import bidirectional_conv, bidirectional_conv_torch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, L, 2 * E, generator=g)[..., :E]
+    w_f, w_b = torch.randn(E, 1, 4, generator=g), torch.randn(E, 1, 4, generator=g)
+    b_f, b_b = torch.randn(E, generator=g), torch.randn(E, generator=g)
+    u_f, u_b = bidirectional_conv(x, w_f, b_f, w_b, b_b, block_l=block_l, block_e=block_e)
+    xc = x.transpose(1, 2)
+    expected_f = causal_conv1d_torch(xc, w_f, b_f).transpose(1, 2)
+    expected_b = causal_conv1d_torch(xc.flip(-1), w_b, b_b).flip(-1).transpose(1, 2)
+    assert u_f.shape == u_b.shape == (batch, L, E) and u_f.is_contiguous()
+    assert torch.allclose(u_f, expected_f, atol=1e-5) and torch.allclose(u_b, expected_b, atol=1e-5)
+    twin = bidirectional_conv_torch(x, w_f, b_f, w_b, b_b)
+    assert torch.allclose(twin[0], expected_f, atol=1e-5)
+    assert torch.allclose(twin[1], expected_b, atol=1e-5)
 
 
 @pytest.mark.skipif(not STALE_TRITON, reason='this process already runs the tests directly')

@@ -14,17 +14,23 @@ SiLU act per token and commute with the flip, and Vim's causal conv1d on the fli
 equals an anti-causal conv (the kernel taps mirrored) on the original order, so the caller can
 produce ``u_b``, ``delta_b``, ``B_b``, ``C_b`` in original order with no copies. ``z`` is shared.
 
-Layout (mamba-ssm's): u, delta, z: (batch, E, L); A: (E, N), negative; B, C: (batch, N, L)
-(or (batch, 1, N, L)); D, delta_bias: (E,). Only the last dim of the (batch, E, L) tensors must
-be contiguous, B/C take any strides (e.g. views of the x_proj output). Inputs fp32/bf16/fp16,
-state and arithmetic in fp32, the output has u's dtype.
+Shapes (mamba-ssm's): u, delta, z: (batch, E, L); A: (E, N), negative; B, C: (batch, N, L)
+(or (batch, 1, N, L)); D, delta_bias: (E,). Any strides: mamba-ssm's channel-major layout, or
+the token-major one Linear layers produce ((batch, L, E) storage seen as (batch, E, L), z a
+slice of in_proj's output, B/C slices of x_proj's), which is the fast one: a token's channels
+and its N states are then contiguous, so they load as vectors. The output (and du, ddelta, dz)
+takes u's layout. Inputs fp32/bf16/fp16, state and arithmetic in fp32, output in u's dtype.
 
 Algorithm: the sequence is cut into chunks (``ScanConfig.block_l`` tokens, by default as long
 as the GPU can still be filled) and every kernel runs one program per (chunk, batch, channel
 block), so short (L=197, big batch) and long (L=16k, small batch) inputs both fill the GPU.
 A program gives every thread one channel with its N states in registers and walks the chunk
 token by token (``step_l`` tokens per loop iteration, unrolled): h = exp(dt A) h + dt B u is
-N exps and FMAs per token, and C.h a sum inside the thread; no warp shuffles.
+N exps and FMAs per token, and C.h a sum inside the thread; no warp shuffles. The kernels are
+bound by instruction issue, so the forward walk keeps the per-token address work to one scalar
+offset per tensor and runs whole groups of tokens without masks (vector loads of B_t, C_t).
+A forward that needs no backward (inference) is chunked only when the batch does not fill the
+GPU by itself (``one_pass_programs``): the chunk summaries cost a second walk.
   forward:  (1) each chunk's end state from a zero start and its sum of dt, both directions;
             (2) a scan over the chunks turns them into every chunk's incoming state
                 (the chunk's decay is exp(A * sum dt));
@@ -79,6 +85,8 @@ class ScanConfig:
     bwd_num_warps: int = 4
     block_c: int = 32  # chunks per step of the carry scan
     bwd_programs: int = 1024  # block_l=0: the longest chunks giving the backward this many programs
+    fwd_programs: int = 2048  # the same for a forward that needs no backward, ...
+    one_pass_programs: int = 256  # ... which runs unchunked (one pass) from this many programs
 
 
 DEFAULT_CONFIG = ScanConfig(block_l=8, block_e=4, bwd_block_e=4, block_c=4) if INTERPRET \
@@ -96,8 +104,10 @@ def bidirectional_selective_scan_reference(u_f, delta_f, A_f, B_f, C_f, D_f, bia
 
 if triton is not None:
     LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
-    _STRIDES = ('su_b', 'su_e', 'sd_b', 'sd_e', 'sB_b', 'sB_n', 'sB_l', 'sC_b', 'sC_n', 'sC_l')
-    _SIZES = {'E', 'L', 'n_chunks', 'chunk_l', 'n_ck', 'sz_b', 'sz_e', 'sg_b', 'sg_e', *_STRIDES,
+    _STRIDES = ('su_b', 'su_e', 'su_l', 'sd_b', 'sd_e', 'sd_l', 'sB_b', 'sB_n', 'sB_l',
+                'sC_b', 'sC_n', 'sC_l')
+    _SIZES = {'E', 'L', 'n_chunks', 'chunk_l', 'n_ck', 'sz_b', 'sz_e', 'sz_l', 'sg_b', 'sg_e',
+              'sg_l', 'so_b', 'so_e', 'so_l', 'sq_n', 'sq_l', *_STRIDES,
               *(s + d for s in _STRIDES for d in 'fb')}
 
     def _jit_any_size(fn):
@@ -106,6 +116,14 @@ if triton is not None:
         token anyway."""
         names = inspect.signature(fn).parameters
         return triton.jit(fn, do_not_specialize=[n for n in names if n in _SIZES])
+
+    def _jit_strided(fn):
+        """triton.jit specialised on the strides (== 1, multiple of 16) but not on the sizes:
+        a unit inner stride lets a token's N states (or a program's channels) load as vectors,
+        and a model sees only a few stride patterns (they scale with L * E)."""
+        names = inspect.signature(fn).parameters
+        return triton.jit(fn, do_not_specialize=[n for n in ('E', 'L', 'N', 'n_chunks', 'chunk_l')
+                                                 if n in names])
 
     # Layout. A program owns BLOCK_E channels (one per thread with BLOCK_E = 32 * num_warps) and
     # walks its chunk token by token (STEP tokens per loop iteration, unrolled). The states are
@@ -138,9 +156,10 @@ if triton is not None:
         return t
 
     @triton.jit
-    def _load_e(ptr, s_b, s_e, bid, offs_e, t, mask):
+    def _load_e(ptr, s_b, s_e, s_l, bid, offs_e, t, mask):
         """Token t of a (batch, E, L) tensor: (BE,) fp32."""
-        return tl.load(ptr + bid * s_b + offs_e * s_e + t, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(ptr + bid * s_b + offs_e * s_e + t * s_l, mask=mask,
+                       other=0.0).to(tl.float32)
 
     @triton.jit
     def _load_n(ptr, s_b, s_n, s_l, bid, offs_n, t, mask):
@@ -149,9 +168,9 @@ if triton is not None:
                        other=0.0).to(tl.float32)[:, None]
 
     @triton.jit
-    def _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, mask):
+    def _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, mask):
         """softplus(delta + bias) (BE,), 0 (no decay, no input) outside ``mask``; and x."""
-        x = _load_e(d_ptr, sd_b, sd_e, bid, offs_e, t, mask) + bias
+        x = _load_e(d_ptr, sd_b, sd_e, sd_l, bid, offs_e, t, mask) + bias
         return tl.where(mask, _softplus(x), 0.0), x
 
     @triton.jit
@@ -177,50 +196,91 @@ if triton is not None:
                 tl.store(ptr + base + n * n_stride, v, mask=mask_e & (n < N))
 
     @triton.jit
-    def _state_walk(u_ptr, su_b, su_e, d_ptr, sd_b, sd_e, B_ptr, sB_b, sB_n, sB_l,
-                    C_ptr, sC_b, sC_n, sC_l, A_ptr, D_ptr, bias_ptr, h, y_ptr, z, sz_b, sz_e,
+    def _ld(ptrs, mask, MASKED: tl.constexpr):
+        """fp32 load; unmasked when the caller knows every lane is in range (vector loads)."""
+        if MASKED:
+            v = tl.load(ptrs, mask=mask, other=0.0)
+        else:
+            v = tl.load(ptrs)
+        return v.to(tl.float32)
+
+    @triton.jit
+    def _scan_token(t, h, dt_sum, u_row, su_l, d_row, sd_l, B_row, sB_l, C_row, sC_l,
+                    y_row, so_l, z_row, sz_l, A2, bias, D, m_e, m_n,
+                    MODE: tl.constexpr, MASK_E: tl.constexpr, MASK_N: tl.constexpr):
+        """One token of a walk: h = exp(dt A) h + dt B u, and (MODE > 0) its output.
+
+        ``*_row`` point at token 0 of this program's channels / states; the token's offsets
+        are scalars (``t * stride``), so the per-lane address work is one add."""
+        u = _ld(u_row + t * su_l, m_e, MASK_E)
+        x = _ld(d_row + t * sd_l, m_e, MASK_E) + bias
+        dt = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # softplus
+        if MASK_E:
+            dt = tl.where(m_e, dt, 0.0)  # lanes out of range: no decay, no input
+        B_t = _ld(B_row + t * sB_l, m_n, MASK_N)[:, None]
+        h = tl.exp2(dt[None, :] * A2) * h + B_t * (dt * u)[None, :]
+        if MODE == 0:
+            dt_sum += dt
+        else:
+            C_t = _ld(C_row + t * sC_l, m_n, MASK_N)[:, None]
+            y = tl.sum(h * C_t, axis=0) + D * u
+            if MODE == 2:
+                y += _ld(y_row + t * so_l, m_e, MASK_E)
+                zz = _ld(z_row + t * sz_l, m_e, MASK_E)
+                y = 0.5 * y * zz * tl.sigmoid(zz)
+            if MASK_E:
+                tl.store(y_row + t * so_l, y, mask=m_e)
+            else:
+                tl.store(y_row + t * so_l, y)
+        return h, dt_sum
+
+    @triton.jit
+    def _state_walk(u_ptr, su_b, su_e, su_l, d_ptr, sd_b, sd_e, sd_l, B_ptr, sB_b, sB_n, sB_l,
+                    C_ptr, sC_b, sC_n, sC_l, A_ptr, D_ptr, bias_ptr, h, y_ptr, so_b, so_e, so_l,
+                    z, sz_b, sz_e, sz_l,
                     bid, offs_e, offs_n, mask_e, mask_n, lo, hi, E, L, N,
                     MODE: tl.constexpr, REVERSE: tl.constexpr, STEP: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    BLOCK_N: tl.constexpr, EVEN_E: tl.constexpr, EVEN_N: tl.constexpr):
         """Walk tokens lo..hi-1 (hi-1..lo if REVERSE) through h = exp(dt A) h + dt B u.
 
         MODE 0: return the end state and the chunk's sum of dt (the chunk summary);
         MODE 1: write this direction's y = C.h + D u to y_ptr;
-        MODE 2: add the other direction's y found in y_ptr and write the gated average."""
+        MODE 2: add the other direction's y found in y_ptr and write the gated average.
+        Whole groups of STEP tokens run unrolled and without token masks (and without any
+        mask when E and N fill the blocks: vector loads); the rest one token at a time."""
         bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         A2 = _load_state(A_ptr, offs_e * N, 1, mask_e, N, BLOCK_N) * LOG2E
         dt_sum = tl.zeros_like(bias)
-        for i0 in range(0, hi - lo, STEP):
+        u_row = u_ptr + bid * su_b + offs_e * su_e
+        d_row = d_ptr + bid * sd_b + offs_e * sd_e
+        y_row = y_ptr + bid * so_b + offs_e * so_e
+        z_row = z + bid * sz_b + offs_e * sz_e
+        B_row = B_ptr + bid * sB_b + offs_n * sB_n
+        C_row = C_ptr + bid * sC_b + offs_n * sC_n
+        n_full = (hi - lo) // STEP * STEP
+        for i0 in range(0, n_full, STEP):
             for k in tl.static_range(STEP):
                 t = _token(i0 + k, lo, hi, REVERSE)
-                ok = (i0 + k) < hi - lo
-                m_e = mask_e & ok
-                u = _load_e(u_ptr, su_b, su_e, bid, offs_e, t, m_e)
-                dt, _ = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, m_e)
-                B_t = _load_n(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, t, mask_n & ok)
-                h = tl.exp2(dt[None, :] * A2) * h + B_t * (dt * u)[None, :]
-                if MODE == 0:
-                    dt_sum += dt
-                else:
-                    C_t = _load_n(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, t, mask_n & ok)
-                    y = tl.sum(h * C_t, axis=0) + D * u
-                    off = (bid * E + offs_e) * L + t
-                    if MODE == 2:
-                        y += tl.load(y_ptr + off, mask=m_e, other=0.0).to(tl.float32)
-                        zz = _load_e(z, sz_b, sz_e, bid, offs_e, t, m_e)
-                        y = 0.5 * y * zz * tl.sigmoid(zz)
-                    tl.store(y_ptr + off, y, mask=m_e)
+                h, dt_sum = _scan_token(t, h, dt_sum, u_row, su_l, d_row, sd_l, B_row, sB_l,
+                                        C_row, sC_l, y_row, so_l, z_row, sz_l, A2, bias, D,
+                                        mask_e, mask_n, MODE, not EVEN_E, not EVEN_N)
+        for i in range(n_full, hi - lo):
+            t = _token(i, lo, hi, REVERSE)
+            h, dt_sum = _scan_token(t, h, dt_sum, u_row, su_l, d_row, sd_l, B_row, sB_l,
+                                    C_row, sC_l, y_row, so_l, z_row, sz_l, A2, bias, D,
+                                    mask_e, mask_n, MODE, not EVEN_E, not EVEN_N)
         return h, dt_sum
 
-    @_jit_any_size
-    def _fwd_kernel(u_f, su_bf, su_ef, d_f, sd_bf, sd_ef, B_f, sB_bf, sB_nf, sB_lf,
+    @_jit_strided
+    def _fwd_kernel(u_f, su_bf, su_ef, su_lf, d_f, sd_bf, sd_ef, sd_lf, B_f, sB_bf, sB_nf, sB_lf,
                     C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f,
-                    u_b, su_bb, su_eb, d_b, sd_bb, sd_eb, B_b, sB_bb, sB_nb, sB_lb,
+                    u_b, su_bb, su_eb, su_lb, d_b, sd_bb, sd_eb, sd_lb, B_b, sB_bb, sB_nb, sB_lb,
                     C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b,
-                    z, sz_b, sz_e, out, h_f, h_b, sum_f, sum_b, E, L, N, n_chunks,
+                    z, sz_b, sz_e, sz_l, out, so_b, so_e, so_l, h_f, h_b, sum_f, sum_b, E, L, N, n_chunks,
                     SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr, BLOCK_E: tl.constexpr,
-                    BLOCK_N: tl.constexpr, STEP: tl.constexpr, chunk_l):
+                    BLOCK_N: tl.constexpr, STEP: tl.constexpr, chunk_l,
+                    EVEN_E: tl.constexpr, EVEN_N: tl.constexpr):
         """SUMMARY: each chunk's end states from zero and sums of dt (pass 1).
         Else: merged gated output of the chunk from its incoming states (pass 3): the forward
         direction writes its y into ``out``, the backward one adds its own and gates."""
@@ -234,34 +294,36 @@ if triton is not None:
         row = (bid * E + offs_e) * n_chunks + cid  # index into (batch, E, n_chunks)
         zero = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
         if SUMMARY:
-            h, dt_sum = _state_walk(u_f, su_bf, su_ef, d_f, sd_bf, sd_ef, B_f, sB_bf, sB_nf,
+            h, dt_sum = _state_walk(u_f, su_bf, su_ef, su_lf, d_f, sd_bf, sd_ef, sd_lf, B_f, sB_bf, sB_nf,
                                     sB_lf, C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f, zero,
-                                    out, z, sz_b, sz_e, bid, offs_e, offs_n, mask_e, mask_n,
-                                    lo, hi, E, L, N, 0, False, STEP, BLOCK_N)
+                                    out, so_b, so_e, so_l, z, sz_b, sz_e, sz_l, bid, offs_e, offs_n, mask_e, mask_n,
+                                    lo, hi, E, L, N, 0, False, STEP, BLOCK_N, EVEN_E, EVEN_N)
             _store_state(h_f, row * N, 1, h, mask_e, N, BLOCK_N, False)
             tl.store(sum_f + row, dt_sum, mask=mask_e)
-            h, dt_sum = _state_walk(u_b, su_bb, su_eb, d_b, sd_bb, sd_eb, B_b, sB_bb, sB_nb,
+            h, dt_sum = _state_walk(u_b, su_bb, su_eb, su_lb, d_b, sd_bb, sd_eb, sd_lb, B_b, sB_bb, sB_nb,
                                     sB_lb, C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b, zero,
-                                    out, z, sz_b, sz_e, bid, offs_e, offs_n, mask_e, mask_n,
-                                    lo, hi, E, L, N, 0, True, STEP, BLOCK_N)
+                                    out, so_b, so_e, so_l, z, sz_b, sz_e, sz_l, bid, offs_e, offs_n, mask_e, mask_n,
+                                    lo, hi, E, L, N, 0, True, STEP, BLOCK_N, EVEN_E, EVEN_N)
             _store_state(h_b, row * N, 1, h, mask_e, N, BLOCK_N, False)
             tl.store(sum_b + row, dt_sum, mask=mask_e)
         else:
             h = zero
             if HAS_CARRY:
                 h = _load_state(h_f, row * N, 1, mask_e, N, BLOCK_N)
-            _state_walk(u_f, su_bf, su_ef, d_f, sd_bf, sd_ef, B_f, sB_bf, sB_nf, sB_lf,
-                        C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f, h, out, z, sz_b, sz_e,
+            _state_walk(u_f, su_bf, su_ef, su_lf, d_f, sd_bf, sd_ef, sd_lf, B_f, sB_bf, sB_nf, sB_lf,
+                        C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f, h, out, so_b, so_e, so_l,
+                        z, sz_b, sz_e, sz_l,
                         bid, offs_e, offs_n, mask_e, mask_n, lo, hi, E, L, N, 1, False, STEP,
-                        BLOCK_N)
+                        BLOCK_N, EVEN_E, EVEN_N)
             h = zero
             if HAS_CARRY:
                 h = _load_state(h_b, row * N, 1, mask_e, N, BLOCK_N)
             # the backward direction reads each y_fwd back from the thread that wrote it
-            _state_walk(u_b, su_bb, su_eb, d_b, sd_bb, sd_eb, B_b, sB_bb, sB_nb, sB_lb,
-                        C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b, h, out, z, sz_b, sz_e,
+            _state_walk(u_b, su_bb, su_eb, su_lb, d_b, sd_bb, sd_eb, sd_lb, B_b, sB_bb, sB_nb, sB_lb,
+                        C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b, h, out, so_b, so_e, so_l,
+                        z, sz_b, sz_e, sz_l,
                         bid, offs_e, offs_n, mask_e, mask_n, lo, hi, E, L, N, 2, True, STEP,
-                        BLOCK_N)
+                        BLOCK_N, EVEN_E, EVEN_N)
 
     @triton.jit
     def _scan(a, b, h0, REVERSE: tl.constexpr):
@@ -322,8 +384,8 @@ if triton is not None:
 
 
     @triton.jit
-    def _adjoint_walk(d_ptr, sd_b, sd_e, C_ptr, sC_b, sC_n, sC_l, A_ptr, bias_ptr,
-                      z, sz_b, sz_e, dout, sg_b, sg_e, bid, offs_e, offs_n, mask_e, mask_n,
+    def _adjoint_walk(d_ptr, sd_b, sd_e, sd_l, C_ptr, sC_b, sC_n, sC_l, A_ptr, bias_ptr,
+                      z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l, bid, offs_e, offs_n, mask_e, mask_n,
                       lo, hi, N, REVERSE: tl.constexpr, STEP: tl.constexpr,
                       BLOCK_N: tl.constexpr):
         """Gradient the chunk sends to the state before it (after it if REVERSE), from zero:
@@ -336,17 +398,17 @@ if triton is not None:
                 t = _token(i0 + k, lo, hi, not REVERSE)
                 ok = (i0 + k) < hi - lo
                 m_e = mask_e & ok
-                dt, _ = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, m_e)
+                dt, _ = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e)
                 C_t = _load_n(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, t, mask_n & ok)
-                zz = _load_e(z, sz_b, sz_e, bid, offs_e, t, m_e)
-                g = 0.5 * _load_e(dout, sg_b, sg_e, bid, offs_e, t, m_e) * zz * tl.sigmoid(zz)
+                zz = _load_e(z, sz_b, sz_e, sz_l, bid, offs_e, t, m_e)
+                g = 0.5 * _load_e(dout, sg_b, sg_e, sg_l, bid, offs_e, t, m_e) * zz * tl.sigmoid(zz)
                 r = tl.exp2(dt[None, :] * A2) * (r + C_t * g[None, :])
         return r
 
     @_jit_any_size
-    def _bwd_summary_kernel(d_f, sd_bf, sd_ef, C_f, sC_bf, sC_nf, sC_lf, A_f, bias_f,
-                            d_b, sd_bb, sd_eb, C_b, sC_bb, sC_nb, sC_lb, A_b, bias_b,
-                            z, sz_b, sz_e, dout, sg_b, sg_e, q_f, q_b, E, L, N, n_chunks,
+    def _bwd_summary_kernel(d_f, sd_bf, sd_ef, sd_lf, C_f, sC_bf, sC_nf, sC_lf, A_f, bias_f,
+                            d_b, sd_bb, sd_eb, sd_lb, C_b, sC_bb, sC_nb, sC_lb, A_b, bias_b,
+                            z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l, q_f, q_b, E, L, N, n_chunks,
                             BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                             STEP: tl.constexpr, chunk_l):
         """Pass 1 of the backward: each chunk's adjoint summary, both directions."""
@@ -358,20 +420,20 @@ if triton is not None:
         lo = cid * chunk_l
         hi = tl.minimum(lo + chunk_l, L)
         base = ((bid * E + offs_e) * n_chunks + cid) * N  # into (batch, E, n_chunks, N)
-        r = _adjoint_walk(d_f, sd_bf, sd_ef, C_f, sC_bf, sC_nf, sC_lf, A_f, bias_f,
-                          z, sz_b, sz_e, dout, sg_b, sg_e, bid, offs_e, offs_n, mask_e, mask_n,
+        r = _adjoint_walk(d_f, sd_bf, sd_ef, sd_lf, C_f, sC_bf, sC_nf, sC_lf, A_f, bias_f,
+                          z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l, bid, offs_e, offs_n, mask_e, mask_n,
                           lo, hi, N, False, STEP, BLOCK_N)
         _store_state(q_f, base, 1, r, mask_e, N, BLOCK_N, False)
-        r = _adjoint_walk(d_b, sd_bb, sd_eb, C_b, sC_bb, sC_nb, sC_lb, A_b, bias_b,
-                          z, sz_b, sz_e, dout, sg_b, sg_e, bid, offs_e, offs_n, mask_e, mask_n,
+        r = _adjoint_walk(d_b, sd_bb, sd_eb, sd_lb, C_b, sC_bb, sC_nb, sC_lb, A_b, bias_b,
+                          z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l, bid, offs_e, offs_n, mask_e, mask_n,
                           lo, hi, N, True, STEP, BLOCK_N)
         _store_state(q_b, base, 1, r, mask_e, N, BLOCK_N, False)
 
     @triton.jit
-    def _grad_walk(u_ptr, su_b, su_e, d_ptr, sd_b, sd_e, B_ptr, sB_b, sB_n, sB_l,
+    def _grad_walk(u_ptr, su_b, su_e, su_l, d_ptr, sd_b, sd_e, sd_l, B_ptr, sB_b, sB_n, sB_l,
                    C_ptr, sC_b, sC_n, sC_l, A_ptr, D_ptr, bias_ptr, h, r, ckpt,
-                   z, sz_b, sz_e, dout, sg_b, sg_e,
-                   du_ptr, dd_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dz,
+                   z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l,
+                   du_ptr, dd_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dz, so_b, so_e, so_l, sq_n, sq_l,
                    bid, offs_e, offs_n, mask_e, mask_n, lo, hi, ck_first, n_ck, E, L, N,
                    REVERSE: tl.constexpr, FIRST: tl.constexpr, STEP: tl.constexpr,
                    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -394,8 +456,8 @@ if triton is not None:
                 t = _token(j * STEP + k, lo, hi, REVERSE)
                 ok = (j * STEP + k) < hi - lo
                 m_e = mask_e & ok
-                u = _load_e(u_ptr, su_b, su_e, bid, offs_e, t, m_e)
-                dt, _ = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, m_e)
+                u = _load_e(u_ptr, su_b, su_e, su_l, bid, offs_e, t, m_e)
+                dt, _ = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e)
                 B_t = _load_n(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, t, mask_n & ok)
                 h = tl.exp2(dt[None, :] * A2) * h + B_t * (dt * u)[None, :]
         tl.debug_barrier()
@@ -411,8 +473,8 @@ if triton is not None:
                 t = _token(j * STEP + k, lo, hi, REVERSE)
                 ok = (j * STEP + k) < hi - lo
                 m_e = mask_e & ok
-                u = _load_e(u_ptr, su_b, su_e, bid, offs_e, t, m_e)
-                dt, _ = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, m_e)
+                u = _load_e(u_ptr, su_b, su_e, su_l, bid, offs_e, t, m_e)
+                dt, _ = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e)
                 B_t = _load_n(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, t, mask_n & ok)
                 h = tl.exp2(dt[None, :] * A2) * h + B_t * (dt * u)[None, :]
                 hist = tl.where(idx[:, None, None] == k, h[None, :, :], hist)
@@ -422,12 +484,12 @@ if triton is not None:
                 t = _token(i, lo, hi, REVERSE)
                 ok = i < hi - lo
                 m_e = mask_e & ok
-                u = _load_e(u_ptr, su_b, su_e, bid, offs_e, t, m_e)
-                dt, x = _load_dt(d_ptr, sd_b, sd_e, bias, bid, offs_e, t, m_e)
+                u = _load_e(u_ptr, su_b, su_e, su_l, bid, offs_e, t, m_e)
+                dt, x = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e)
                 B_t = _load_n(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, t, mask_n & ok)
                 C_t = _load_n(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, t, mask_n & ok)
-                zz = _load_e(z, sz_b, sz_e, bid, offs_e, t, m_e)
-                go = 0.5 * _load_e(dout, sg_b, sg_e, bid, offs_e, t, m_e)
+                zz = _load_e(z, sz_b, sz_e, sz_l, bid, offs_e, t, m_e)
+                go = 0.5 * _load_e(dout, sg_b, sg_e, sg_l, bid, offs_e, t, m_e)
                 sig_z = tl.sigmoid(zz)
                 g = go * zz * sig_z
                 h_k = tl.sum(tl.where(idx[:, None, None] == k_back, hist, 0.0), axis=0)
@@ -437,14 +499,14 @@ if triton is not None:
                 ddt = tl.sum(dh * (B_t * u[None, :] + (A2 / LOG2E) * h_prev), axis=0) \
                     * tl.sigmoid(x)
                 ddt = tl.where(m_e, ddt, 0.0)  # through softplus
-                off = (bid * E + offs_e) * L + t
+                off = bid * so_b + offs_e * so_e + t * so_l
                 tl.store(du_ptr + off, tl.sum(dh * B_t, axis=0) * dt + D * g, mask=m_e)
                 tl.store(dd_ptr + off, ddt, mask=m_e)
                 dA += dh * h_prev * dt[None, :]
                 dD += g * u
                 dbias += ddt
                 dB_t, dC_t = tl.reduce((dh * dtu[None, :], h_k * g[None, :]), 1, _add2)
-                nl_off = (bid * N + offs_n) * L + t
+                nl_off = bid * N * L + offs_n * sq_n + t * sq_l
                 tl.atomic_add(dB_ptr + nl_off, dB_t, mask=mask_n & ok, sem='relaxed')
                 tl.atomic_add(dC_ptr + nl_off, dC_t, mask=mask_n & ok, sem='relaxed')
                 y = tl.sum(h_k * C_t, axis=0) + D * u
@@ -458,10 +520,11 @@ if triton is not None:
         tl.atomic_add(dbias_ptr + offs_e, dbias, mask=mask_e)
 
     @_jit_any_size
-    def _bwd_kernel(u_ptr, su_b, su_e, d_ptr, sd_b, sd_e, B_ptr, sB_b, sB_n, sB_l,
+    def _bwd_kernel(u_ptr, su_b, su_e, su_l, d_ptr, sd_b, sd_e, sd_l, B_ptr, sB_b, sB_n, sB_l,
                     C_ptr, sC_b, sC_n, sC_l, A_ptr, D_ptr, bias_ptr,
-                    z, sz_b, sz_e, dout, sg_b, sg_e, h_in, q_in, ckpt,
-                    du, dd, dA, dD, dbias, dB, dC, dz, E, L, N, n_chunks, n_ck,
+                    z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l, h_in, q_in, ckpt,
+                    du, dd, dA, dD, dbias, dB, dC, dz, so_b, so_e, so_l, sq_n, sq_l,
+                    E, L, N, n_chunks, n_ck,
                     REVERSE: tl.constexpr, FIRST: tl.constexpr, BLOCK_E: tl.constexpr,
                     BLOCK_N: tl.constexpr, STEP: tl.constexpr, chunk_l):
         """Pass 3 of the backward: all gradients of one direction on one chunk for BLOCK_E
@@ -475,11 +538,12 @@ if triton is not None:
         hi = tl.minimum(lo + chunk_l, L)
         base = ((bid * E + offs_e) * n_chunks + cid) * N  # into (batch, E, n_chunks, N)
         ck_first = cid * (chunk_l // STEP)  # this chunk's checkpoints in (batch, n_ck, N, E)
-        _grad_walk(u_ptr, su_b, su_e, d_ptr, sd_b, sd_e, B_ptr, sB_b, sB_n, sB_l,
+        _grad_walk(u_ptr, su_b, su_e, su_l, d_ptr, sd_b, sd_e, sd_l, B_ptr, sB_b, sB_n, sB_l,
                    C_ptr, sC_b, sC_n, sC_l, A_ptr, D_ptr, bias_ptr,
                    _load_state(h_in, base, 1, mask_e, N, BLOCK_N),
                    _load_state(q_in, base, 1, mask_e, N, BLOCK_N), ckpt,
-                   z, sz_b, sz_e, dout, sg_b, sg_e, du, dd, dA, dD, dbias, dB, dC, dz,
+                   z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l, du, dd, dA, dD, dbias, dB, dC, dz,
+                   so_b, so_e, so_l, sq_n, sq_l,
                    bid, offs_e, offs_n, mask_e, mask_n, lo, hi, ck_first, n_ck, E, L, N,
                    REVERSE, FIRST, STEP, BLOCK_E, BLOCK_N)
 
@@ -488,29 +552,47 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _chunk_length(batch: int, E: int, L: int, cfg: ScanConfig) -> int:
+def _chunk_length(batch: int, E: int, L: int, cfg: ScanConfig, inference: bool = False) -> int:
     """Tokens per chunk: ``cfg.block_l`` rounded up to whole steps, or (block_l=0) the longest
     chunks that still give the backward ``cfg.bwd_programs`` programs, but at least 32 tokens
     (shorter ones cost more in chunk states than they gain in parallelism)."""
     step = cfg.step_l
     if cfg.block_l:
         return _cdiv(cfg.block_l, step) * step
-    blocks = batch * _cdiv(E, cfg.bwd_block_e)
-    n_chunks = max(1, min(_cdiv(L, 32), cfg.bwd_programs // blocks))
+    if inference:  # chunks cost a second pass over the tokens: only when the GPU is not full
+        blocks, programs = batch * _cdiv(E, cfg.block_e), cfg.fwd_programs
+        if blocks >= cfg.one_pass_programs:
+            return _cdiv(L, step) * step
+    else:
+        blocks, programs = batch * _cdiv(E, cfg.bwd_block_e), cfg.bwd_programs
+    n_chunks = max(1, min(_cdiv(L, 32), programs // blocks))
     return _cdiv(_cdiv(L, n_chunks), step) * step
 
 
 def _direction_args(u, delta, A, B, C, D, bias):
-    """Kernel arguments of one direction: tensors with the strides the kernels index with."""
-    u, delta = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, delta))
+    """Kernel arguments of one direction: each tensor followed by its strides (any layout)."""
     B, C = (t.squeeze(1) if t.dim() == 4 else t for t in (B, C))
-    return (u, u.stride(0), u.stride(1), delta, delta.stride(0), delta.stride(1),
-            B, *B.stride(), C, *C.stride(), A.contiguous(), D.contiguous(), bias.contiguous())
+    return (u, *u.stride(), delta, *delta.stride(), B, *B.stride(), C, *C.stride(),
+            A.contiguous(), D.contiguous(), bias.contiguous())
 
 
 def _adjoint_args(d):
     """The part of :func:`_direction_args` the adjoint summary reads: delta, C, A, bias."""
-    return (*d[3:6], *d[10:14], d[14], d[16])
+    return (*d[4:8], *d[12:16], d[16], d[18])
+
+
+def _token_major(t: torch.Tensor) -> bool:
+    """A (batch, X, L) tensor stored as (batch, L, X): channels next to each other."""
+    return t.stride(1) == 1 and t.shape[2] > 1
+
+
+def _new(like: torch.Tensor, token_major: bool, dtype=None) -> torch.Tensor:
+    """An empty (batch, X, L) tensor shaped like ``like``, stored channel- or token-major."""
+    batch, X, L = like.shape
+    dtype = dtype or like.dtype
+    if token_major:
+        return torch.empty(batch, L, X, dtype=dtype, device=like.device).transpose(1, 2)
+    return torch.empty(batch, X, L, dtype=dtype, device=like.device)
 
 
 def _carry(loc, sums, A, reverse: bool, cfg: ScanConfig):
@@ -526,26 +608,27 @@ def _carry(loc, sums, A, reverse: bool, cfg: ScanConfig):
 
 def _forward(fwd, bwd, z, block_l: int, cfg: ScanConfig):
     """Merged output and the chunks' incoming states / dt sums (what backward needs)."""
-    u, A = fwd[0], fwd[14]
+    u, A = fwd[0], fwd[16]
     batch, E, L = u.shape
     N = A.shape[1]
     n_chunks = _cdiv(L, block_l)
-    consts = dict(BLOCK_E=cfg.block_e, BLOCK_N=triton.next_power_of_2(N), chunk_l=block_l,
-                  STEP=cfg.step_l, num_warps=cfg.num_warps)
+    block_n = triton.next_power_of_2(N)
+    consts = dict(BLOCK_E=cfg.block_e, BLOCK_N=block_n, chunk_l=block_l, STEP=cfg.step_l,
+                  num_warps=cfg.num_warps, EVEN_E=E % cfg.block_e == 0, EVEN_N=N == block_n)
     grid = (n_chunks, batch, _cdiv(E, cfg.block_e))
-    out = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
+    out = _new(u, _token_major(u))
     if n_chunks > 1:
         f32 = dict(dtype=torch.float32, device=u.device)
         loc_f, loc_b = (torch.empty(batch, E, n_chunks, N, **f32) for _ in range(2))
         sum_f, sum_b = (torch.empty(batch, E, n_chunks, **f32) for _ in range(2))
-        _fwd_kernel[grid](*fwd, *bwd, z, z.stride(0), z.stride(1), out,
+        _fwd_kernel[grid](*fwd, *bwd, z, *z.stride(), out, *out.stride(),
                           loc_f, loc_b, sum_f, sum_b, E, L, N, n_chunks,
                           SUMMARY=True, HAS_CARRY=False, **consts)
-        h_f = _carry(loc_f, sum_f, fwd[14], False, cfg)
-        h_b = _carry(loc_b, sum_b, bwd[14], True, cfg)
+        h_f = _carry(loc_f, sum_f, fwd[16], False, cfg)
+        h_b = _carry(loc_b, sum_b, bwd[16], True, cfg)
     else:  # one chunk: it starts from zero, no summaries needed
         h_f = h_b = sum_f = sum_b = out.new_empty(0, dtype=torch.float32)
-    _fwd_kernel[grid](*fwd, *bwd, z, z.stride(0), z.stride(1), out,
+    _fwd_kernel[grid](*fwd, *bwd, z, *z.stride(), out, *out.stride(),
                       h_f, h_b, sum_f, sum_b, E, L, N, n_chunks,
                       SUMMARY=False, HAS_CARRY=n_chunks > 1, **consts)
     return out, (h_f, h_b, sum_f, sum_b)
@@ -554,7 +637,7 @@ def _forward(fwd, bwd, z, block_l: int, cfg: ScanConfig):
 def _backward(fwd, bwd, z, dout, states, block_l: int, cfg: ScanConfig):
     """Gradients of both directions (in input order) and of z."""
     h_f, h_b, sum_f, sum_b = states
-    u_f, A_f, u_b, A_b = fwd[0], fwd[14], bwd[0], bwd[14]
+    u_f, A_f, u_b, A_b = fwd[0], fwd[16], bwd[0], bwd[16]
     batch, E, L = u_f.shape
     N = A_f.shape[1]
     n_chunks = _cdiv(L, block_l)
@@ -562,29 +645,29 @@ def _backward(fwd, bwd, z, dout, states, block_l: int, cfg: ScanConfig):
     consts = dict(BLOCK_E=cfg.bwd_block_e, BLOCK_N=triton.next_power_of_2(N), chunk_l=block_l,
                   STEP=cfg.step_l, num_warps=cfg.bwd_num_warps)
     grid = (n_chunks, batch, _cdiv(E, cfg.bwd_block_e))
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     if n_chunks > 1:  # adjoint summaries (pass 1) and carries (pass 2)
         q_f, q_b = torch.empty_like(h_f), torch.empty_like(h_b)
         _bwd_summary_kernel[grid](
-            *_adjoint_args(fwd), *_adjoint_args(bwd), z, z.stride(0), z.stride(1),
-            dout, dout.stride(0), dout.stride(1), q_f, q_b, E, L, N, n_chunks, **consts)
+            *_adjoint_args(fwd), *_adjoint_args(bwd), z, *z.stride(),
+            dout, *dout.stride(), q_f, q_b, E, L, N, n_chunks, **consts)
         q_f = _carry(q_f, sum_f, A_f, True, cfg)  # forward direction: gradients flow leftwards
         q_b = _carry(q_b, sum_b, A_b, False, cfg)
     else:  # one chunk: everything starts from zero
         h_f = h_b = q_f = q_b = torch.zeros(batch, E, 1, N, dtype=torch.float32,
                                             device=u_f.device)
     f32 = dict(dtype=torch.float32, device=u_f.device)
-    dz = torch.empty((batch, E, L), dtype=z.dtype, device=z.device)
+    token_major = _token_major(u_f)  # du, ddelta and dz share one layout (the kernel's so_*)
+    dz = _new(u_f, token_major, z.dtype)
     ckpt = torch.empty(batch, n_ck, N, E, **f32)  # states at every step_l-th token
     grads = []
     for d, h, q in ((fwd, h_f, q_f), (bwd, h_b, q_b)):
-        g = dict(du=torch.empty((batch, E, L), dtype=d[0].dtype, device=u_f.device),
-                 ddelta=torch.empty((batch, E, L), dtype=d[3].dtype, device=u_f.device),
+        B_major = _token_major(d[8])  # dB, dC (fp32, summed atomically) like B
+        g = dict(du=_new(u_f, token_major, d[0].dtype), ddelta=_new(u_f, token_major, d[4].dtype),
                  dA=torch.zeros(E, N, **f32), dD=torch.zeros(E, **f32),
-                 dbias=torch.zeros(E, **f32), dB=torch.zeros(batch, N, L, **f32),
-                 dC=torch.zeros(batch, N, L, **f32))
-        _bwd_kernel[grid](*d, z, z.stride(0), z.stride(1), dout, dout.stride(0),
-                          dout.stride(1), h, q, ckpt, *g.values(), dz, E, L, N, n_chunks,
+                 dbias=torch.zeros(E, **f32), dB=_new(d[8], B_major, torch.float32).zero_(),
+                 dC=_new(d[8], B_major, torch.float32).zero_())
+        _bwd_kernel[grid](*d, z, *z.stride(), dout, *dout.stride(), h, q, ckpt, *g.values(),
+                          dz, *dz.stride(), *g['dB'].stride()[1:], E, L, N, n_chunks,
                           n_ck, REVERSE=d is bwd, FIRST=d is fwd, **consts)
         grads.append(g)
     return grads, dz
@@ -597,10 +680,9 @@ class BidirectionalSelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u_f, delta_f, A_f, B_f, C_f, D_f, bias_f,
                 u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, z, config=None):
         cfg = config or DEFAULT_CONFIG
-        z = z if z.stride(-1) == 1 else z.contiguous()
         fwd = _direction_args(u_f, delta_f, A_f, B_f, C_f, D_f, bias_f)
         bwd = _direction_args(u_b, delta_b, A_b, B_b, C_b, D_b, bias_b)
-        block_l = _chunk_length(u_f.shape[0], u_f.shape[1], u_f.shape[2], cfg)
+        block_l = _chunk_length(*u_f.shape, cfg, inference=not any(ctx.needs_input_grad))
         out, states = _forward(fwd, bwd, z, block_l, cfg)
         ctx.cfg, ctx.block_l = cfg, block_l
         ctx.squeeze = (B_f.dim() == 4, C_f.dim() == 4, B_b.dim() == 4, C_b.dim() == 4)
