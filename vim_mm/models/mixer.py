@@ -65,13 +65,13 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, d_model) -> (B, L, d_model)."""
-        xz = linear_channel_first(self.in_proj.weight, hidden_states.transpose(1, 2))  # (B, 2E, L)
         fwd, bwd = self.direction_params(''), self.direction_params('_b')
         backend = resolve_backend(self.backend, hidden_states.device.type)
+        if backend == 'triton':
+            return self.forward_triton(hidden_states, fwd, bwd)
+        xz = linear_channel_first(self.in_proj.weight, hidden_states.transpose(1, 2))  # (B, 2E, L)
         if backend == 'cuda':
             return bimamba_inner_cuda(xz, fwd, bwd, self.out_proj.weight, self.out_proj.bias)
-        if backend == 'triton':
-            return self.forward_triton(xz, fwd, bwd)
         return self.forward_torch(xz, fwd, bwd)
 
     def forward_torch(self, xz, fwd, bwd):
@@ -80,21 +80,32 @@ class BiMambaMixer(nn.Module):
         y_b = mamba_inner_torch(x.flip(-1), z.flip(-1), *bwd.values()).flip(-1)
         return F.linear(((y + y_b) / 2).transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
 
-    def forward_triton(self, xz, fwd, bwd):
-        """No flips: the backward branch's causal conv on the reversed sequence is an
-        anti-causal conv with mirrored taps, and the fused scan runs it right to left."""
+    def forward_triton(self, hidden_states, fwd, bwd):
+        """Token-major (batch, L, channels) throughout, no flips and no transposes.
+
+        The backward branch's causal conv on the reversed sequence is an anti-causal conv with
+        mirrored taps (one Triton kernel makes both directions when no gradient is needed; the
+        PyTorch twin otherwise), and the fused scan runs that branch right to left. ``x_proj``'s
+        rows are reordered to [B, C, dt] and padded to a multiple of 16 so that every token's
+        B and C are aligned vectors."""
+        from ..ops.triton_conv import bidirectional_conv, bidirectional_conv_torch
         from ..ops.triton_scan import bidirectional_selective_scan
-        x, z = xz.chunk(2, dim=1)
-        width = fwd['conv_w'].shape[-1]
-        dirs = []
-        for params, pad, taps in ((fwd, (width - 1, 0), fwd['conv_w']),
-                                  (bwd, (0, width - 1), bwd['conv_w'].flip(-1))):
-            u = F.silu(F.conv1d(F.pad(x, pad), taps.to(x.dtype), params['conv_b'].to(x.dtype),
-                                groups=x.shape[1]))
-            x_dbl = F.linear(u.transpose(1, 2), params['x_proj_w'])  # (B, L, R + 2N)
-            dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-            delta = torch.matmul(params['dt_proj_w'].to(dt.dtype), dt.transpose(1, 2))
-            dirs += [u, delta, params['A'], B.transpose(1, 2), C.transpose(1, 2),
-                     params['D'].float(), params['dt_bias'].float()]
-        y = bidirectional_selective_scan(*dirs, z)
+        N, R = self.d_state, self.dt_rank
+        xz = F.linear(hidden_states, self.in_proj.weight)  # (B, L, 2E)
+        x, z = xz.chunk(2, dim=-1)
+        conv_params = (fwd['conv_w'], fwd['conv_b'], bwd['conv_w'], bwd['conv_b'])
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *conv_params))
+        conv = bidirectional_conv_torch if needs_grad else bidirectional_conv
+        us = conv(x, *conv_params)
+        pad = -(2 * N + R) % 16
+        args = []
+        for u, p in zip(us, (fwd, bwd)):
+            w = p['x_proj_w']
+            w = torch.cat([w[R:], w[:R], w.new_zeros(pad, w.shape[1])])
+            x_dbl = F.linear(u, w)  # (B, L, [B | C | dt | pad])
+            delta = F.linear(x_dbl[..., 2 * N:2 * N + R], p['dt_proj_w'])  # (B, L, E)
+            args += [u.transpose(1, 2), delta.transpose(1, 2), p['A'],
+                     x_dbl[..., :N].transpose(1, 2), x_dbl[..., N:2 * N].transpose(1, 2),
+                     p['D'].float(), p['dt_bias'].float()]
+        y = bidirectional_selective_scan(*args, z.transpose(1, 2))  # (B, E, L), token-major
         return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
