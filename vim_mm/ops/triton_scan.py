@@ -74,9 +74,10 @@ __all__ = ['TRITON_SCAN_AVAILABLE', 'ScanConfig', 'BidirectionalSelectiveScanFn'
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Tile sizes. Chunks of ``block_l`` tokens (0: chosen per input, see ``bwd_programs``) are
-    walked ``step_l`` tokens at a time; a program owns ``block_e`` channels, one per thread
-    when ``block_e = 32 * num_warps``."""
+    """Tile sizes. Chunks of ``block_l`` tokens (0: chosen per input, see ``bwd_programs``, and
+    ``fwd_programs`` / ``one_pass_programs`` for a forward without gradients) are walked
+    ``step_l`` tokens at a time; a program owns ``block_e`` channels, one per thread when
+    ``block_e = 32 * num_warps``."""
     block_l: int = 0
     step_l: int = 4
     block_e: int = 128  # channels per program in the forward passes
