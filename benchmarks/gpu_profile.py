@@ -21,7 +21,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 FAMILIES = [  # first match wins
     ('selective_scan_fwd', r'selective_scan_fwd'), ('selective_scan_bwd', r'selective_scan_bwd'),
-    ('causal_conv1d', r'causal_conv1d'), ('flip', r'flip'), ('gemm', r'gemm|cutlass|sm90_|ampere_|Kernel2|cublas'),
+    ('triton scan', r'_fwd_kernel|_carry_kernel|_bwd_kernel|_bwd_summary'),
+    ('triton conv', r'_bi_conv_kernel'), ('causal_conv1d', r'causal_conv1d'), ('flip', r'flip'), ('gemm', r'gemm|cutlass|sm90_|ampere_|Kernel2|cublas'),
     ('reduce (norm)', r'reduce_kernel|norm'), ('copy / layout', r'copy|transpose|cat|Copy'),
     ('elementwise', r'elementwise|vectorized|unrolled'), ('triton', r'^triton'),
 ]

@@ -50,30 +50,43 @@ SWEEP = [ScanConfig(step_l=2), ScanConfig(step_l=8),
          ScanConfig(bwd_programs=512), ScanConfig(bwd_programs=2048)]
 
 
-def make_inputs(batch, L, dtype, seed=0):
+def make_inputs(batch, L, dtype, seed=0, layout='channel'):
     """Vim-like inputs of both directions (original token order) and z, on the GPU.
 
     Activations (u, delta, B, C, z) in ``dtype``; A, D, delta_bias in fp32 as in the model, with
-    Mamba's initialisation (A = -(1..N), dt = softplus(bias) log-uniform in [1e-3, 1e-1])."""
+    Mamba's initialisation (A = -(1..N), dt = softplus(bias) log-uniform in [1e-3, 1e-1]).
+    layout 'channel': (batch, X, L) contiguous, mamba-ssm's layout; 'token': the same values
+    stored (batch, L, X) as Linear layers produce them (z a slice of a (batch, L, 2E) tensor);
+    'token_f32bc': the same with B and C in fp32 (what the Triton mixer passes)."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
 
-    def randn(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, device=DEVICE, generator=g) * scale).to(dt)
+    def randn(*shape, scale=1.0, dt=dtype, is_z=False):
+        x = (torch.randn(*shape, device=DEVICE, generator=g) * scale).to(dt)
+        if layout.startswith('token') and len(shape) == 3:
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+            if is_z:  # the second half of in_proj's (batch, L, 2E) output
+                xz = torch.empty(batch, L, 2 * E, device=DEVICE, dtype=dt)
+                xz[..., E:] = x.transpose(1, 2)
+                x = xz[..., E:].transpose(1, 2)
+        return x
 
     def direction():
         dt = torch.exp(torch.rand(E, device=DEVICE, generator=g)
                        * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         A = -torch.arange(1, N + 1, device=DEVICE, dtype=torch.float32).repeat(E, 1)
         A = A * (0.5 + torch.rand(E, N, device=DEVICE, generator=g))
-        return [randn(batch, E, L), randn(batch, E, L, scale=0.5), A, randn(batch, N, L),
-                randn(batch, N, L), randn(E, dt=torch.float32),
+        bc = torch.float32 if layout == 'token_f32bc' else dtype
+        return [randn(batch, E, L), randn(batch, E, L, scale=0.5), A, randn(batch, N, L, dt=bc),
+                randn(batch, N, L, dt=bc), randn(E, dt=torch.float32),
                 dt + torch.log(-torch.expm1(-dt))]
 
-    return direction() + direction() + [randn(batch, E, L)]
+    return direction() + direction() + [randn(batch, E, L, is_z=True)]
 
 
 def leaves(inputs):
-    return [t.detach().clone().requires_grad_() for t in inputs]
+    """Leaf copies with the same strides (clone would densify the z slice)."""
+    return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+            .copy_(t).requires_grad_() for t in inputs]
 
 
 def rel_err(x, ref):
@@ -89,11 +102,11 @@ def mamba_bidirectional(u_f, delta_f, A_f, B_f, C_f, D_f, bias_f,
     return (out_f + out_b.flip(-1)) / 2
 
 
-def check(batch, L, dtype):
+def check(batch, L, dtype, layout='channel'):
     """Errors of the output and of every gradient vs the fp32 PyTorch twin."""
-    inputs = make_inputs(batch, L, dtype)
+    inputs = make_inputs(batch, L, dtype, layout=layout)
     ours = leaves(inputs)
-    ref = leaves([t.float() for t in inputs])
+    ref = leaves([t.float().contiguous() for t in inputs])
     out = bidirectional_selective_scan(*ours)
     expected = bidirectional_selective_scan_reference(*ref)
     grad = torch.randn(out.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
@@ -123,30 +136,36 @@ def io_bytes(inputs, with_backward):
     return (inp + out) + (inp + out) + grads  # forward; backward reads inputs and d(out)
 
 
-def timings(batch, L, dtype, config=None):
-    """ms per call and GB/s of the Triton op and of mamba-ssm, forward and forward+backward."""
-    inputs = make_inputs(batch, L, dtype)
-    ops = {'triton': lambda *a: bidirectional_selective_scan(*a, config=config)}
+def timings(batch, L, dtype, config=None, layouts=('channel',), fwd_only=False):
+    """ms per call and GB/s of the Triton op (on each layout) and of mamba-ssm (its own
+    channel layout), forward and forward+backward."""
+    ops = {f'triton_{layout}' if layout != 'channel' else 'triton':
+           (layout, lambda *a: bidirectional_selective_scan(*a, config=config))
+           for layout in layouts}
     if selective_scan_fn is not None and config is None:
-        ops['mamba_ssm_x2_flips'] = mamba_bidirectional
+        ops['mamba_ssm_x2_flips'] = ('channel', mamba_bidirectional)
     result = {}
-    for name, op in ops.items():
+    for name, (layout, op) in ops.items():
+        inputs = make_inputs(batch, L, dtype, layout=layout)
         with torch.no_grad():
             fwd_ms = bench(lambda: op(*inputs))
+        result[name] = dict(fwd_ms=fwd_ms, fwd_gbps=io_bytes(inputs, False) / fwd_ms / 1e6)
+        if fwd_only:
+            continue
         tensors = leaves(inputs)
         grad = torch.randn(batch, E, L, device=DEVICE, dtype=dtype)
 
         def step():
             op(*tensors).backward(grad)
         fb_ms = bench(step, grad_to_none=tensors)
-        result[name] = dict(
-            fwd_ms=fwd_ms, fwd_gbps=io_bytes(inputs, False) / fwd_ms / 1e6,
-            fwd_bwd_ms=fb_ms, fwd_bwd_gbps=io_bytes(inputs, True) / fb_ms / 1e6)
+        result[name].update(fwd_bwd_ms=fb_ms, fwd_bwd_gbps=io_bytes(inputs, True) / fb_ms / 1e6)
         del tensors
-    if 'mamba_ssm_x2_flips' in result:
-        result['speedup_fwd'] = result['mamba_ssm_x2_flips']['fwd_ms'] / result['triton']['fwd_ms']
-        result['speedup_fwd_bwd'] = (result['mamba_ssm_x2_flips']['fwd_bwd_ms']
-                                     / result['triton']['fwd_bwd_ms'])
+    ref = result.get('mamba_ssm_x2_flips')
+    for name in (n for n in list(result) if ref and n.startswith('triton')):
+        suffix = name[len('triton'):]
+        result['speedup_fwd' + suffix] = ref['fwd_ms'] / result[name]['fwd_ms']
+        if not fwd_only:
+            result['speedup_fwd_bwd' + suffix] = ref['fwd_bwd_ms'] / result[name]['fwd_bwd_ms']
     return result
 
 
@@ -171,6 +190,10 @@ def main():
     parser.add_argument('--sweep-shapes', nargs='*', default=['16x6084', '128x197'],
                         help='BATCHxL list the sweep / --configs run on (bf16)')
     parser.add_argument('--no-check', action='store_true', help='timings only')
+    parser.add_argument('--fwd-only', action='store_true', help='time the forward only')
+    parser.add_argument('--layouts', nargs='+', default=['channel', 'token'],
+                        choices=['channel', 'token', 'token_f32bc'],
+                        help='input layouts of the Triton op (see make_inputs)')
     args = parser.parse_args()
     if not (torch.cuda.is_available() and triton_scan.TRITON_SCAN_AVAILABLE):
         sys.exit('needs a CUDA GPU and triton')
@@ -191,12 +214,15 @@ def main():
             key = str(dtype).replace('torch.', '')
             t0 = time.time()
             if not args.no_check:
-                errors = guarded(check, batch, L, dtype)
-                passed = 'error' not in errors and max(errors.values()) < TOLERANCE[dtype]
-                ok &= passed
-                entry[f'{key}_errors'] = errors
-                entry[f'{key}_pass'] = passed
-            entry[f'{key}_timing'] = guarded(timings, batch, L, dtype)
+                for layout in args.layouts:
+                    errors = guarded(check, batch, L, dtype, layout)
+                    passed = 'error' not in errors and max(errors.values()) < TOLERANCE[dtype]
+                    ok &= passed
+                    tag = key if layout == 'channel' else f'{key}_{layout}'
+                    entry[f'{tag}_errors'] = errors
+                    entry[f'{tag}_pass'] = passed
+            entry[f'{key}_timing'] = guarded(timings, batch, L, dtype, layouts=args.layouts,
+                                             fwd_only=args.fwd_only)
             print(f'B={batch} L={L} {key}: pass={entry.get(f"{key}_pass")} '
                   f'max_err={max(entry.get(f"{key}_errors", {0: 0}).values(), default=0):.2e} '
                   f'timing={json.dumps(entry[f"{key}_timing"])} ({time.time() - t0:.0f}s)',
@@ -209,7 +235,8 @@ def main():
         sweep = report[f'sweep_bf16_B{batch}_L{L}'] = {}
         for cfg in configs:
             t0 = time.time()
-            sweep[json.dumps(vars(cfg))] = res = guarded(timings, batch, L, torch.bfloat16, cfg)
+            sweep[json.dumps(vars(cfg))] = res = guarded(timings, batch, L, torch.bfloat16, cfg,
+                                                          args.layouts, args.fwd_only)
             print(f'sweep B={batch} L={L}', json.dumps(vars(cfg)), json.dumps(res),
                   f'({time.time() - t0:.0f}s)', flush=True)
             out.write_text(json.dumps(report, indent=1))
