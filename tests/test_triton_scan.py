@@ -105,19 +105,24 @@ def test_matches_torch_reference(batch, E, N, L, cfg, layout):
 
 
 @run_here
-def test_inference_forward_chunks_only_small_batches():
+def test_inference_forward_chunks_only_small_batches(monkeypatch):
     """Without gradients the forward picks its own chunking: one pass when the batch fills the
     GPU, chunks (summaries + carries) otherwise; the output is the same either way."""
     cfg = triton_scan.ScanConfig(block_e=4, fwd_programs=64, one_pass_programs=16)
     assert triton_scan._chunk_length(4, 16, 70, cfg, inference=True) == 72  # 16 programs: one
     assert triton_scan._chunk_length(1, 8, 70, cfg, inference=True) == 24  # 2 programs: 3 chunks
+    seen, chunk_length = [], triton_scan._chunk_length
+    monkeypatch.setattr(triton_scan, '_chunk_length',
+                        lambda *a, **k: seen.append(k['inference']) or chunk_length(*a, **k))
     for batch, E in ((4, 16), (1, 8)):
         inputs = make_inputs(batch, E, 4, 70, 'token', seed=batch)
+        inputs[5].requires_grad_()  # a parameter (D) passed through: still inference under no_grad
         with torch.no_grad():
             out = triton_scan.bidirectional_selective_scan(*inputs, config=cfg)
         expected = triton_scan.bidirectional_selective_scan_reference(
             *(t.contiguous() for t in inputs))
         assert rel_err(out, expected) < 1e-4
+    assert seen == [True, True]  # the forward knew no backward would follow
 
 
 @run_here

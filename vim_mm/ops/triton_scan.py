@@ -679,11 +679,11 @@ class BidirectionalSelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u_f, delta_f, A_f, B_f, C_f, D_f, bias_f,
-                u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, z, config=None):
+                u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, z, config=None, inference=False):
         cfg = config or DEFAULT_CONFIG
         fwd = _direction_args(u_f, delta_f, A_f, B_f, C_f, D_f, bias_f)
         bwd = _direction_args(u_b, delta_b, A_b, B_b, C_b, D_b, bias_b)
-        block_l = _chunk_length(*u_f.shape, cfg, inference=not any(ctx.needs_input_grad))
+        block_l = _chunk_length(*u_f.shape, cfg, inference=inference)
         out, states = _forward(fwd, bwd, z, block_l, cfg)
         ctx.cfg, ctx.block_l = cfg, block_l
         ctx.squeeze = (B_f.dim() == 4, C_f.dim() == 4, B_b.dim() == 4, C_b.dim() == 4)
@@ -707,7 +707,7 @@ class BidirectionalSelectiveScanFn(torch.autograd.Function):
             dB, dC = g['dB'].to(B_t), g['dC'].to(C_t)
             result += [g['du'], g['ddelta'], g['dA'].to(A_t), dB.unsqueeze(1) if sq_B else dB,
                        dC.unsqueeze(1) if sq_C else dC, g['dD'].to(D_t), g['dbias'].to(bias_t)]
-        return (*result, dz, None)
+        return (*result, dz, None, None)
 
 
 def bidirectional_selective_scan(u_f, delta_f, A_f, B_f, C_f, D_f, bias_f,
@@ -720,5 +720,9 @@ def bidirectional_selective_scan(u_f, delta_f, A_f, B_f, C_f, D_f, bias_f,
     """
     if not TRITON_SCAN_AVAILABLE:
         raise RuntimeError('The Triton scan needs triton and a CUDA device (or TRITON_INTERPRET=1).')
-    return BidirectionalSelectiveScanFn.apply(u_f, delta_f, A_f, B_f, C_f, D_f, bias_f,
-                                              u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, z, config)
+    args = (u_f, delta_f, A_f, B_f, C_f, D_f, bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, z)
+    # no backward will follow (inference): the forward may chunk differently. Decided here:
+    # inside Function.forward grad mode is always off, and under no_grad a parameter passed
+    # through (D.float() of an fp32 D) still says requires_grad
+    inference = not (torch.is_grad_enabled() and any(t.requires_grad for t in args))
+    return BidirectionalSelectiveScanFn.apply(*args, config, inference)
