@@ -78,7 +78,8 @@ def leaves(inputs):
 @pytest.mark.parametrize('batch,E,N,L,cfg,layout', [
     (2, 8, 4, 7, dict(block_l=8), 'grouped'),  # short: one chunk, no carries; B/C 4-D
     (2, 6, 4, 37, dict(block_l=8, block_c=4), 'plain'),  # odd L, E % block_e != 0, 2 carry tiles
-    (1, 8, 3, 70, dict(block_l=16, bwd_programs=64), 'plain'),  # batch 1, N=3, split backward
+    (1, 8, 3, 70, dict(block_l=16, bwd_programs=64, fwd_step_l=4),  # batch 1, N=3,
+     'plain'),  # split backward, groups of 4 with a 2-token tail
     (2, 5, 4, 23, dict(block_l=8), 'vim'),  # strided B / C / delta
     (2, 6, 4, 29, dict(block_l=8, block_c=4), 'token'),  # every (batch, X, L) token-major
 ])

@@ -25,10 +25,13 @@ Algorithm: the sequence is cut into chunks (``ScanConfig.block_l`` tokens, by de
 as the GPU can still be filled) and every kernel runs one program per (chunk, batch, channel
 block), so short (L=197, big batch) and long (L=16k, small batch) inputs both fill the GPU.
 A program gives every thread one channel with its N states in registers and walks the chunk
-token by token (``step_l`` tokens per loop iteration, unrolled): h = exp(dt A) h + dt B u is
-N exps and FMAs per token, and C.h a sum inside the thread; no warp shuffles. The kernels are
-bound by instruction issue, so the forward walk keeps the per-token address work to one scalar
-offset per tensor and runs whole groups of tokens without masks (vector loads of B_t, C_t).
+token by token (groups of ``fwd_step_l`` / ``step_l`` tokens per loop iteration, unrolled):
+h = exp(dt A) h + dt B u is N exps and FMAs per token, and C.h a sum inside the thread; no warp
+shuffles. The forward walk keeps the per-token address work to one scalar offset per tensor,
+runs whole groups of tokens without masks (vector loads of B_t, C_t), loads the next group
+while it computes the current one (software pipelining: loads no longer wait behind the
+previous token's stores), and its registers are capped (``*_maxnreg``) so that more warps per
+SM hide the remaining latency.
 A forward that needs no backward (inference) is chunked only when the batch does not fill the
 GPU by itself (``one_pass_programs``): the chunk summaries cost a second walk.
   forward:  (1) each chunk's end state from a zero start and its sum of dt, both directions;
@@ -79,7 +82,13 @@ class ScanConfig:
     ``step_l`` tokens at a time; a program owns ``block_e`` channels, one per thread when
     ``block_e = 32 * num_warps``."""
     block_l: int = 0
-    step_l: int = 4
+    step_l: int = 4  # backward: tokens per unrolled step (and per state checkpoint)
+    fwd_step_l: int = 2  # forward: tokens per unrolled, prefetched group
+    # register caps of the forward passes (0: the compiler's choice): fewer registers, more
+    # warps per SM to hide latency (swept on an H100, benchmarks/README.md "Fourth session")
+    summary_maxnreg: int = 80
+    fwd_maxnreg: int = 128  # the final pass when chunked ...
+    one_pass_maxnreg: int = 168  # ... and unchunked
     block_e: int = 128  # channels per program in the forward passes
     bwd_block_e: int = 128  # channels per program in the backward passes
     num_warps: int = 4
@@ -198,36 +207,64 @@ if triton is not None:
 
     @triton.jit
     def _ld(ptrs, mask, MASKED: tl.constexpr):
-        """fp32 load; unmasked when the caller knows every lane is in range (vector loads)."""
+        """Load as stored (converted at use, so prefetched tokens stay packed); unmasked when
+        the caller knows every lane is in range (vector loads)."""
         if MASKED:
             v = tl.load(ptrs, mask=mask, other=0.0)
         else:
             v = tl.load(ptrs)
-        return v.to(tl.float32)
+        return v
 
     @triton.jit
-    def _scan_token(t, h, dt_sum, u_row, su_l, d_row, sd_l, B_row, sB_l, C_row, sC_l,
-                    y_row, so_l, z_row, sz_l, A2, bias, D, m_e, m_n,
-                    MODE: tl.constexpr, MASK_E: tl.constexpr, MASK_N: tl.constexpr):
+    def _fetch(t, u_row, su_l, d_row, sd_l, B_row, sB_l, C_row, sC_l, y_row, so_l, z_row, sz_l,
+               m_e, m_n, MODE: tl.constexpr, MASK_E: tl.constexpr, MASK_N: tl.constexpr):
+        """What token t of a walk reads (see `_scan_token`); placeholders for what MODE skips."""
+        u = _ld(u_row + t * su_l, m_e, MASK_E)
+        x = _ld(d_row + t * sd_l, m_e, MASK_E)
+        B_t = _ld(B_row + t * sB_l, m_n, MASK_N)
+        C_t, z, y = B_t, u, u
+        if MODE > 0:
+            C_t = _ld(C_row + t * sC_l, m_n, MASK_N)
+        if MODE == 2:
+            y = _ld(y_row + t * so_l, m_e, MASK_E)
+            z = _ld(z_row + t * sz_l, m_e, MASK_E)
+        return u, x, B_t, C_t, z, y
+
+    @triton.jit
+    def _fetch_group(i0, last, lo, hi, u_row, su_l, d_row, sd_l, B_row, sB_l, C_row, sC_l,
+                     y_row, so_l, z_row, sz_l, m_e, m_n, MODE: tl.constexpr,
+                     REVERSE: tl.constexpr, STEP: tl.constexpr, MASK_E: tl.constexpr,
+                     MASK_N: tl.constexpr):
+        """Tokens i0 .. i0+STEP-1 of the walk (clamped to the last one: always in range)."""
+        group = ()
+        for k in tl.static_range(STEP):
+            t = _token(tl.minimum(i0 + k, last), lo, hi, REVERSE)
+            group = group + (_fetch(t, u_row, su_l, d_row, sd_l, B_row, sB_l, C_row, sC_l,
+                                    y_row, so_l, z_row, sz_l, m_e, m_n, MODE, MASK_E,
+                                    MASK_N),)
+        return group
+
+    @triton.jit
+    def _scan_token(t, h, dt_sum, fetched, y_row, so_l, A2, bias, D, m_e,
+                    MODE: tl.constexpr, MASK_E: tl.constexpr):
         """One token of a walk: h = exp(dt A) h + dt B u, and (MODE > 0) its output.
 
-        ``*_row`` point at token 0 of this program's channels / states; the token's offsets
-        are scalars (``t * stride``), so the per-lane address work is one add."""
-        u = _ld(u_row + t * su_l, m_e, MASK_E)
-        x = _ld(d_row + t * sd_l, m_e, MASK_E) + bias
+        ``fetched`` is the token's `_fetch`; the output offset is a scalar (``t * so_l``)
+        added to the program's row pointers, so the per-lane address work is one add."""
+        u, x, B_t, C_t, z, y_in = fetched
+        u = u.to(tl.float32)
+        x = x.to(tl.float32) + bias
         dt = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # softplus
         if MASK_E:
             dt = tl.where(m_e, dt, 0.0)  # lanes out of range: no decay, no input
-        B_t = _ld(B_row + t * sB_l, m_n, MASK_N)[:, None]
-        h = tl.exp2(dt[None, :] * A2) * h + B_t * (dt * u)[None, :]
+        h = tl.exp2(dt[None, :] * A2) * h + B_t.to(tl.float32)[:, None] * (dt * u)[None, :]
         if MODE == 0:
             dt_sum += dt
         else:
-            C_t = _ld(C_row + t * sC_l, m_n, MASK_N)[:, None]
-            y = tl.sum(h * C_t, axis=0) + D * u
+            y = tl.sum(h * C_t.to(tl.float32)[:, None], axis=0) + D * u
             if MODE == 2:
-                y += _ld(y_row + t * so_l, m_e, MASK_E)
-                zz = _ld(z_row + t * sz_l, m_e, MASK_E)
+                y += y_in.to(tl.float32)
+                zz = z.to(tl.float32)
                 y = 0.5 * y * zz * tl.sigmoid(zz)
             if MASK_E:
                 tl.store(y_row + t * so_l, y, mask=m_e)
@@ -247,8 +284,11 @@ if triton is not None:
         MODE 0: return the end state and the chunk's sum of dt (the chunk summary);
         MODE 1: write this direction's y = C.h + D u to y_ptr;
         MODE 2: add the other direction's y found in y_ptr and write the gated average.
-        Whole groups of STEP tokens run unrolled and without token masks (and without any
-        mask when E and N fill the blocks: vector loads); the rest one token at a time."""
+        Software-pipelined: the loads of the next STEP tokens are issued before the current
+        STEP are computed (a token's loads would otherwise wait behind the previous token's
+        stores: one memory latency per token). Groups run without token masks (and without
+        any mask when E and N fill the blocks: vector loads); the last partial group is
+        guarded per token."""
         bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         A2 = _load_state(A_ptr, offs_e * N, 1, mask_e, N, BLOCK_N) * LOG2E
@@ -259,18 +299,24 @@ if triton is not None:
         z_row = z + bid * sz_b + offs_e * sz_e
         B_row = B_ptr + bid * sB_b + offs_n * sB_n
         C_row = C_ptr + bid * sC_b + offs_n * sC_n
-        n_full = (hi - lo) // STEP * STEP
+        n_tok = hi - lo
+        n_full = n_tok // STEP * STEP
+        last = n_tok - 1
+        nxt = _fetch_group(0, last, lo, hi, u_row, su_l, d_row, sd_l, B_row, sB_l, C_row, sC_l,
+                           y_row, so_l, z_row, sz_l, mask_e, mask_n, MODE, REVERSE, STEP,
+                           not EVEN_E, not EVEN_N)
         for i0 in range(0, n_full, STEP):
+            cur = nxt
+            nxt = _fetch_group(i0 + STEP, last, lo, hi, u_row, su_l, d_row, sd_l, B_row, sB_l,
+                               C_row, sC_l, y_row, so_l, z_row, sz_l, mask_e, mask_n, MODE,
+                               REVERSE, STEP, not EVEN_E, not EVEN_N)
             for k in tl.static_range(STEP):
-                t = _token(i0 + k, lo, hi, REVERSE)
-                h, dt_sum = _scan_token(t, h, dt_sum, u_row, su_l, d_row, sd_l, B_row, sB_l,
-                                        C_row, sC_l, y_row, so_l, z_row, sz_l, A2, bias, D,
-                                        mask_e, mask_n, MODE, not EVEN_E, not EVEN_N)
-        for i in range(n_full, hi - lo):
-            t = _token(i, lo, hi, REVERSE)
-            h, dt_sum = _scan_token(t, h, dt_sum, u_row, su_l, d_row, sd_l, B_row, sB_l,
-                                    C_row, sC_l, y_row, so_l, z_row, sz_l, A2, bias, D,
-                                    mask_e, mask_n, MODE, not EVEN_E, not EVEN_N)
+                h, dt_sum = _scan_token(_token(i0 + k, lo, hi, REVERSE), h, dt_sum, cur[k],
+                                        y_row, so_l, A2, bias, D, mask_e, MODE, not EVEN_E)
+        for k in tl.static_range(STEP - 1):  # the partial group, already fetched
+            if n_full + k < n_tok:
+                h, dt_sum = _scan_token(_token(n_full + k, lo, hi, REVERSE), h, dt_sum, nxt[k],
+                                        y_row, so_l, A2, bias, D, mask_e, MODE, not EVEN_E)
         return h, dt_sum
 
     @_jit_strided
@@ -607,6 +653,10 @@ def _carry(loc, sums, A, reverse: bool, cfg: ScanConfig):
     return carry_in
 
 
+def _maxnreg(cap: int) -> dict:
+    return {'maxnreg': cap} if cap and not INTERPRET else {}
+
+
 def _forward(fwd, bwd, z, block_l: int, cfg: ScanConfig):
     """Merged output and the chunks' incoming states / dt sums (what backward needs)."""
     u, A = fwd[0], fwd[16]
@@ -614,7 +664,7 @@ def _forward(fwd, bwd, z, block_l: int, cfg: ScanConfig):
     N = A.shape[1]
     n_chunks = _cdiv(L, block_l)
     block_n = triton.next_power_of_2(N)
-    consts = dict(BLOCK_E=cfg.block_e, BLOCK_N=block_n, chunk_l=block_l, STEP=cfg.step_l,
+    consts = dict(BLOCK_E=cfg.block_e, BLOCK_N=block_n, chunk_l=block_l, STEP=cfg.fwd_step_l,
                   num_warps=cfg.num_warps, EVEN_E=E % cfg.block_e == 0, EVEN_N=N == block_n)
     grid = (n_chunks, batch, _cdiv(E, cfg.block_e))
     out = _new(u, _token_major(u))
@@ -624,14 +674,16 @@ def _forward(fwd, bwd, z, block_l: int, cfg: ScanConfig):
         sum_f, sum_b = (torch.empty(batch, E, n_chunks, **f32) for _ in range(2))
         _fwd_kernel[grid](*fwd, *bwd, z, *z.stride(), out, *out.stride(),
                           loc_f, loc_b, sum_f, sum_b, E, L, N, n_chunks,
-                          SUMMARY=True, HAS_CARRY=False, **consts)
+                          SUMMARY=True, HAS_CARRY=False, **consts,
+                          **_maxnreg(cfg.summary_maxnreg))
         h_f = _carry(loc_f, sum_f, fwd[16], False, cfg)
         h_b = _carry(loc_b, sum_b, bwd[16], True, cfg)
     else:  # one chunk: it starts from zero, no summaries needed
         h_f = h_b = sum_f = sum_b = out.new_empty(0, dtype=torch.float32)
     _fwd_kernel[grid](*fwd, *bwd, z, *z.stride(), out, *out.stride(),
                       h_f, h_b, sum_f, sum_b, E, L, N, n_chunks,
-                      SUMMARY=False, HAS_CARRY=n_chunks > 1, **consts)
+                      SUMMARY=False, HAS_CARRY=n_chunks > 1, **consts,
+                      **_maxnreg(cfg.fwd_maxnreg if n_chunks > 1 else cfg.one_pass_maxnreg))
     return out, (h_f, h_b, sum_f, sum_b)
 
 
