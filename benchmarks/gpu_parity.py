@@ -51,8 +51,8 @@ def run_case(arch, res, batch, with_cls, seed=0, backend='cuda'):
                 median_param_grad=sorted(grad_errs.values())[len(grad_errs) // 2])
     from vim_mm.ops.cuda_ops import padded_length
     tokens = (res // 16) ** 2 + with_cls
-    return dict(backend=backend, arch=arch, res=res, batch=batch, with_cls_token=with_cls, tokens=tokens,
-                kernel_length=padded_length(tokens), **errs)
+    return dict(backend=backend, arch=arch, res=res, batch=batch, with_cls_token=with_cls,
+                tokens=tokens, kernel_length=padded_length(tokens), **errs)
 
 
 def main():

@@ -324,7 +324,8 @@ if triton is not None:
                     C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f,
                     u_b, su_bb, su_eb, su_lb, d_b, sd_bb, sd_eb, sd_lb, B_b, sB_bb, sB_nb, sB_lb,
                     C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b,
-                    z, sz_b, sz_e, sz_l, out, so_b, so_e, so_l, h_f, h_b, sum_f, sum_b, E, L, N, n_chunks,
+                    z, sz_b, sz_e, sz_l, out, so_b, so_e, so_l, h_f, h_b, sum_f, sum_b,
+                    E, L, N, n_chunks,
                     SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr, BLOCK_E: tl.constexpr,
                     BLOCK_N: tl.constexpr, STEP: tl.constexpr, chunk_l,
                     EVEN_E: tl.constexpr, EVEN_N: tl.constexpr):
@@ -341,15 +342,17 @@ if triton is not None:
         row = (bid * E + offs_e) * n_chunks + cid  # index into (batch, E, n_chunks)
         zero = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
         if SUMMARY:
-            h, dt_sum = _state_walk(u_f, su_bf, su_ef, su_lf, d_f, sd_bf, sd_ef, sd_lf, B_f, sB_bf, sB_nf,
-                                    sB_lf, C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f, zero,
-                                    out, so_b, so_e, so_l, z, sz_b, sz_e, sz_l, bid, offs_e, offs_n, mask_e, mask_n,
+            h, dt_sum = _state_walk(u_f, su_bf, su_ef, su_lf, d_f, sd_bf, sd_ef, sd_lf,
+                                    B_f, sB_bf, sB_nf, sB_lf, C_f, sC_bf, sC_nf, sC_lf,
+                                    A_f, D_f, bias_f, zero, out, so_b, so_e, so_l,
+                                    z, sz_b, sz_e, sz_l, bid, offs_e, offs_n, mask_e, mask_n,
                                     lo, hi, E, L, N, 0, False, STEP, BLOCK_N, EVEN_E, EVEN_N)
             _store_state(h_f, row * N, 1, h, mask_e, N, BLOCK_N, False)
             tl.store(sum_f + row, dt_sum, mask=mask_e)
-            h, dt_sum = _state_walk(u_b, su_bb, su_eb, su_lb, d_b, sd_bb, sd_eb, sd_lb, B_b, sB_bb, sB_nb,
-                                    sB_lb, C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b, zero,
-                                    out, so_b, so_e, so_l, z, sz_b, sz_e, sz_l, bid, offs_e, offs_n, mask_e, mask_n,
+            h, dt_sum = _state_walk(u_b, su_bb, su_eb, su_lb, d_b, sd_bb, sd_eb, sd_lb,
+                                    B_b, sB_bb, sB_nb, sB_lb, C_b, sC_bb, sC_nb, sC_lb,
+                                    A_b, D_b, bias_b, zero, out, so_b, so_e, so_l,
+                                    z, sz_b, sz_e, sz_l, bid, offs_e, offs_n, mask_e, mask_n,
                                     lo, hi, E, L, N, 0, True, STEP, BLOCK_N, EVEN_E, EVEN_N)
             _store_state(h_b, row * N, 1, h, mask_e, N, BLOCK_N, False)
             tl.store(sum_b + row, dt_sum, mask=mask_e)
@@ -357,8 +360,9 @@ if triton is not None:
             h = zero
             if HAS_CARRY:
                 h = _load_state(h_f, row * N, 1, mask_e, N, BLOCK_N)
-            _state_walk(u_f, su_bf, su_ef, su_lf, d_f, sd_bf, sd_ef, sd_lf, B_f, sB_bf, sB_nf, sB_lf,
-                        C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f, h, out, so_b, so_e, so_l,
+            _state_walk(u_f, su_bf, su_ef, su_lf, d_f, sd_bf, sd_ef, sd_lf,
+                        B_f, sB_bf, sB_nf, sB_lf, C_f, sC_bf, sC_nf, sC_lf, A_f, D_f, bias_f, h,
+                        out, so_b, so_e, so_l,
                         z, sz_b, sz_e, sz_l,
                         bid, offs_e, offs_n, mask_e, mask_n, lo, hi, E, L, N, 1, False, STEP,
                         BLOCK_N, EVEN_E, EVEN_N)
@@ -366,8 +370,9 @@ if triton is not None:
             if HAS_CARRY:
                 h = _load_state(h_b, row * N, 1, mask_e, N, BLOCK_N)
             # the backward direction reads each y_fwd back from the thread that wrote it
-            _state_walk(u_b, su_bb, su_eb, su_lb, d_b, sd_bb, sd_eb, sd_lb, B_b, sB_bb, sB_nb, sB_lb,
-                        C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b, h, out, so_b, so_e, so_l,
+            _state_walk(u_b, su_bb, su_eb, su_lb, d_b, sd_bb, sd_eb, sd_lb,
+                        B_b, sB_bb, sB_nb, sB_lb, C_b, sC_bb, sC_nb, sC_lb, A_b, D_b, bias_b, h,
+                        out, so_b, so_e, so_l,
                         z, sz_b, sz_e, sz_l,
                         bid, offs_e, offs_n, mask_e, mask_n, lo, hi, E, L, N, 2, True, STEP,
                         BLOCK_N, EVEN_E, EVEN_N)
@@ -432,7 +437,8 @@ if triton is not None:
 
     @triton.jit
     def _adjoint_walk(d_ptr, sd_b, sd_e, sd_l, C_ptr, sC_b, sC_n, sC_l, A_ptr, bias_ptr,
-                      z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l, bid, offs_e, offs_n, mask_e, mask_n,
+                      z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l,
+                      bid, offs_e, offs_n, mask_e, mask_n,
                       lo, hi, N, REVERSE: tl.constexpr, STEP: tl.constexpr,
                       BLOCK_N: tl.constexpr):
         """Gradient the chunk sends to the state before it (after it if REVERSE), from zero:
@@ -455,7 +461,8 @@ if triton is not None:
     @_jit_any_size
     def _bwd_summary_kernel(d_f, sd_bf, sd_ef, sd_lf, C_f, sC_bf, sC_nf, sC_lf, A_f, bias_f,
                             d_b, sd_bb, sd_eb, sd_lb, C_b, sC_bb, sC_nb, sC_lb, A_b, bias_b,
-                            z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l, q_f, q_b, E, L, N, n_chunks,
+                            z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l, q_f, q_b,
+                            E, L, N, n_chunks,
                             BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                             STEP: tl.constexpr, chunk_l):
         """Pass 1 of the backward: each chunk's adjoint summary, both directions."""
@@ -468,11 +475,13 @@ if triton is not None:
         hi = tl.minimum(lo + chunk_l, L)
         base = ((bid * E + offs_e) * n_chunks + cid) * N  # into (batch, E, n_chunks, N)
         r = _adjoint_walk(d_f, sd_bf, sd_ef, sd_lf, C_f, sC_bf, sC_nf, sC_lf, A_f, bias_f,
-                          z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l, bid, offs_e, offs_n, mask_e, mask_n,
+                          z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l,
+                          bid, offs_e, offs_n, mask_e, mask_n,
                           lo, hi, N, False, STEP, BLOCK_N)
         _store_state(q_f, base, 1, r, mask_e, N, BLOCK_N, False)
         r = _adjoint_walk(d_b, sd_bb, sd_eb, sd_lb, C_b, sC_bb, sC_nb, sC_lb, A_b, bias_b,
-                          z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l, bid, offs_e, offs_n, mask_e, mask_n,
+                          z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l,
+                          bid, offs_e, offs_n, mask_e, mask_n,
                           lo, hi, N, True, STEP, BLOCK_N)
         _store_state(q_b, base, 1, r, mask_e, N, BLOCK_N, False)
 
@@ -480,7 +489,8 @@ if triton is not None:
     def _grad_walk(u_ptr, su_b, su_e, su_l, d_ptr, sd_b, sd_e, sd_l, B_ptr, sB_b, sB_n, sB_l,
                    C_ptr, sC_b, sC_n, sC_l, A_ptr, D_ptr, bias_ptr, h, r, ckpt,
                    z, sz_b, sz_e, sz_l, dout, sg_b, sg_e, sg_l,
-                   du_ptr, dd_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dz, so_b, so_e, so_l, sq_n, sq_l,
+                   du_ptr, dd_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dz,
+                   so_b, so_e, so_l, sq_n, sq_l,
                    bid, offs_e, offs_n, mask_e, mask_n, lo, hi, ck_first, n_ck, E, L, N,
                    REVERSE: tl.constexpr, FIRST: tl.constexpr, STEP: tl.constexpr,
                    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -771,7 +781,8 @@ def bidirectional_selective_scan(u_f, delta_f, A_f, B_f, C_f, D_f, bias_f,
     always on, D and delta_bias are required (Vim has them). Returns (batch, E, L) in u's dtype.
     """
     if not TRITON_SCAN_AVAILABLE:
-        raise RuntimeError('The Triton scan needs triton and a CUDA device (or TRITON_INTERPRET=1).')
+        raise RuntimeError('The Triton scan needs triton and a CUDA device '
+                           '(or TRITON_INTERPRET=1).')
     args = (u_f, delta_f, A_f, B_f, C_f, D_f, bias_f, u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, z)
     # no backward will follow (inference): the forward may chunk differently. Decided here:
     # inside Function.forward grad mode is always off, and under no_grad a parameter passed
