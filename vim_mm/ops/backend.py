@@ -1,11 +1,12 @@
-"""Which implementation runs the mixer: mamba-ssm CUDA kernels or the PyTorch twin.
+"""Which implementation runs the mixer: mamba-ssm CUDA kernels, the fused Triton scan, PyTorch.
 
 ``auto`` (the default) takes the mamba-ssm CUDA kernels for CUDA tensors when they import, else
 PyTorch. ``triton`` is the fused bidirectional scan (vim_mm/ops/triton_scan.py), opt-in: its
-GPU time for inference is lower at most sizes, but its Python launch overhead makes small
-batches slower without CUDA graphs, and its backward is slower (benchmarks/README.md). Force a path with the ``backend`` argument of the model or the
-``VIM_MM_BACKEND`` environment variable; asking for a path where it cannot run is an error,
-never a silent fallback. Each resolved choice is logged once.
+GPU time for inference is lower at most sizes, but its Python launch overhead makes it no
+faster without CUDA graphs up to 1024 px, and its backward is slower (benchmarks/README.md).
+Force a path with the ``backend`` argument of the model or the ``VIM_MM_BACKEND`` environment
+variable; asking for a path where it cannot run is an error, never a silent fallback. Each
+resolved choice is logged once.
 """
 from __future__ import annotations
 

@@ -79,8 +79,10 @@ __all__ = ['TRITON_SCAN_AVAILABLE', 'ScanConfig', 'BidirectionalSelectiveScanFn'
 class ScanConfig:
     """Tile sizes. Chunks of ``block_l`` tokens (0: chosen per input, see ``bwd_programs``, and
     ``fwd_programs`` / ``one_pass_programs`` for a forward without gradients) are walked
-    ``step_l`` tokens at a time; a program owns ``block_e`` channels, one per thread when
-    ``block_e = 32 * num_warps``."""
+    ``fwd_step_l`` (forward) / ``step_l`` (backward) tokens at a time; a program owns
+    ``block_e`` channels, one per thread when ``block_e = 32 * num_warps``. The register caps
+    were tuned for ``fwd_step_l=2`` on an H100; larger groups spill under them (set the caps
+    to 0 when changing it)."""
     block_l: int = 0
     step_l: int = 4  # backward: tokens per unrolled step (and per state checkpoint)
     fwd_step_l: int = 2  # forward: tokens per unrolled, prefetched group
@@ -254,7 +256,7 @@ if triton is not None:
         u, x, B_t, C_t, z, y_in = fetched
         u = u.to(tl.float32)
         x = x.to(tl.float32) + bias
-        dt = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # softplus
+        dt = _softplus(x)
         if MASK_E:
             dt = tl.where(m_e, dt, 0.0)  # lanes out of range: no decay, no input
         h = tl.exp2(dt[None, :] * A2) * h + B_t.to(tl.float32)[:, None] * (dt * u)[None, :]
