@@ -9,6 +9,7 @@ its predecessor inside one process. Vim-Ti shapes (E=384, N=16), bf16, token-maj
     python benchmarks/scan_ab.py --old /tmp/triton_scan_old.py --out results/ab.json \\
         --configs '{}' '{"fwd_maxnreg": 128}'
     python benchmarks/scan_ab.py --calls 3 --shapes 16x4097   # a fixed workload for ncu
+    python benchmarks/scan_ab.py --layouts token token_f32bc  # bf16 vs fp32 B and C
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def main():
                         help='ScanConfig fields (JSON) of this tree to time, each')
     parser.add_argument('--shapes', nargs='*', default=['128x197', '16x4097', '16x6085',
                                                         '4x16385'], help='BATCHxL')
+    parser.add_argument('--layouts', nargs='*', default=['token'],
+                        help="gpu_scan_check's input layouts ('token_f32bc': fp32 B and C)")
     parser.add_argument('--calls', type=int, default=0,
                         help='only run this many calls per shape, untimed (for a profiler)')
     parser.add_argument('--out', help='JSON file to write')
@@ -53,9 +56,11 @@ def main():
     old = load_old(args.old) if args.old else None
     configs = [json.loads(c) for c in args.configs]
     results = dict(device=torch.cuda.get_device_name(), configs=configs, shapes={})
-    for shape in args.shapes:
+    for shape, layout in ((s, lay) for s in args.shapes for lay in args.layouts):
         batch, L = (int(v) for v in shape.split('x'))
-        inputs = make_inputs(batch, L, torch.bfloat16, layout='token')
+        inputs = make_inputs(batch, L, torch.bfloat16, layout=layout)
+        if layout != 'token':
+            shape = f'{shape}/{layout}'
         row = results['shapes'][shape] = {}
         with torch.no_grad():
             if args.calls:

@@ -106,6 +106,36 @@ def test_matches_torch_reference(batch, E, N, L, cfg, layout):
 
 
 @run_here
+def test_bf16_matches_torch_and_word_loads_are_exact(monkeypatch):
+    """bf16 activations (the autocast case) take the 16-bit path: B and C loaded as bf16 pairs
+    in 32-bit words and unpacked by shifts, softplus / sigmoid in their approximate-MUFU form
+    (on the CPU the same formulas with exact log2 / division). The word loads must give
+    bit-identical outputs to per-value loads, and output and gradients agree with the fp32
+    reference on the same (bf16-rounded) values to 1e-2, the issue's bf16 tolerance."""
+    fp32 = {2, 5, 6, 9, 12, 13}  # A, D, delta_bias stay fp32 (parameters)
+    inputs = [t if i in fp32 else t.to(torch.bfloat16)
+              for i, t in enumerate(make_inputs(2, 6, 4, 29, 'token'))]
+    config = triton_scan.ScanConfig(block_e=4, bwd_block_e=4, block_l=8, block_c=4)
+    assert triton_scan._bc_words(triton_scan._direction_args(*inputs[:7]),
+                                 triton_scan._direction_args(*inputs[7:14]))
+    ours = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t).requires_grad_()
+            for t in inputs]
+    ref = leaves([t.float() for t in inputs])
+    out = triton_scan.bidirectional_selective_scan(*ours, config=config)
+    expected = triton_scan.bidirectional_selective_scan_reference(*ref)
+    assert out.dtype == torch.bfloat16 and rel_err(out, expected) < 1e-2
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad.to(torch.bfloat16))
+    expected.backward(grad)
+    for i, (a, r) in enumerate(zip(ours, ref)):
+        assert a.grad.dtype == a.dtype and rel_err(a.grad, r.grad) < 1e-2, i
+    monkeypatch.setattr(triton_scan, '_bc_words', lambda *directions: False)
+    with torch.no_grad():
+        per_value = triton_scan.bidirectional_selective_scan(*inputs, config=config)
+    assert torch.equal(out.detach(), per_value)
+
+
+@run_here
 def test_inference_forward_chunks_only_small_batches(monkeypatch):
     """Without gradients the forward picks its own chunking: one pass when the batch fills the
     GPU, chunks (summaries + carries) otherwise; the output is the same either way."""

@@ -154,9 +154,44 @@ if triton is not None:
     def _add2(a1, b1, a2, b2):
         return a1 + a2, b1 + b2
 
+    # 16-bit inputs take approximate MUFU instructions for the per-token softplus and sigmoid
+    # (libdevice's exact log is ~24 instructions in a serial chain, the exact sigmoid ~12, and a
+    # bf16 input's rounding, 4e-3, dwarfs their ~1e-7 absolute error); fp32 inputs stay exact.
+    # The interpreter runs the same formulas with tl.log2 / a division (PTX is GPU-only).
+    PTX = tl.constexpr(not INTERPRET)
+    LN2 = tl.constexpr(0.6931471805599453)
+
     @triton.jit
-    def _softplus(x):
-        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    def _lg2_approx(x):
+        if PTX:
+            return tl.inline_asm_elementwise('lg2.approx.ftz.f32 $0, $1;', '=r,r', [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.log2(x)
+
+    @triton.jit
+    def _rcp_approx(x):
+        if PTX:
+            return tl.inline_asm_elementwise('rcp.approx.ftz.f32 $0, $1;', '=r,r', [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return 1.0 / x
+
+    @triton.jit
+    def _softplus(x, FAST: tl.constexpr):
+        if FAST:
+            sp = LN2 * _lg2_approx(1.0 + tl.exp2(tl.minimum(x, 20.0) * LOG2E))
+        else:
+            sp = tl.log(1.0 + tl.exp(tl.minimum(x, 20.0)))
+        return tl.where(x > 20.0, x, sp)
+
+    @triton.jit
+    def _sigmoid(x, FAST: tl.constexpr):
+        if FAST:
+            s = _rcp_approx(1.0 + tl.exp2(-x * LOG2E))
+        else:
+            s = tl.sigmoid(x)
+        return s
 
     @triton.jit
     def _token(i, lo, hi, REVERSE: tl.constexpr):
@@ -183,7 +218,7 @@ if triton is not None:
     def _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, mask):
         """softplus(delta + bias) (BE,), 0 (no decay, no input) outside ``mask``; and x."""
         x = _load_e(d_ptr, sd_b, sd_e, sd_l, bid, offs_e, t, mask) + bias
-        return tl.where(mask, _softplus(x), 0.0), x
+        return tl.where(mask, _softplus(x, d_ptr.dtype.element_ty != tl.float32), 0.0), x
 
     @triton.jit
     def _load_state(ptr, base, n_stride, mask_e, N, BLOCK_N: tl.constexpr):
@@ -247,6 +282,19 @@ if triton is not None:
         return group
 
     @triton.jit
+    def _states_f32(v):
+        """A token's N values of B or C in fp32. int32 means bf16 pairs loaded as words (see
+        `_state_walk`): a bf16 is the top half of an fp32, so each unpacks with one shift or
+        mask (the compiler's cvt path takes two instructions per value)."""
+        if v.dtype == tl.int32:
+            lo = (v << 16).to(tl.float32, bitcast=True)
+            hi = (v & -65536).to(tl.float32, bitcast=True)
+            f = tl.interleave(lo, hi)
+        else:
+            f = v.to(tl.float32)
+        return f
+
+    @triton.jit
     def _scan_token(t, h, dt_sum, fetched, y_row, so_l, A2, bias, D, m_e,
                     MODE: tl.constexpr, MASK_E: tl.constexpr):
         """One token of a walk: h = exp(dt A) h + dt B u, and (MODE > 0) its output.
@@ -254,20 +302,21 @@ if triton is not None:
         ``fetched`` is the token's `_fetch`; the output offset is a scalar (``t * so_l``)
         added to the program's row pointers, so the per-lane address work is one add."""
         u, x, B_t, C_t, z, y_in = fetched
+        FAST: tl.constexpr = x.dtype != tl.float32
         u = u.to(tl.float32)
         x = x.to(tl.float32) + bias
-        dt = _softplus(x)
+        dt = _softplus(x, FAST)
         if MASK_E:
             dt = tl.where(m_e, dt, 0.0)  # lanes out of range: no decay, no input
-        h = tl.exp2(dt[None, :] * A2) * h + B_t.to(tl.float32)[:, None] * (dt * u)[None, :]
+        h = tl.exp2(dt[None, :] * A2) * h + _states_f32(B_t)[:, None] * (dt * u)[None, :]
         if MODE == 0:
             dt_sum += dt
         else:
-            y = tl.sum(h * C_t.to(tl.float32)[:, None], axis=0) + D * u
+            y = tl.sum(h * _states_f32(C_t)[:, None], axis=0) + D * u
             if MODE == 2:
                 y += y_in.to(tl.float32)
                 zz = z.to(tl.float32)
-                y = 0.5 * y * zz * tl.sigmoid(zz)
+                y = 0.5 * y * zz * _sigmoid(zz, FAST)
             if MASK_E:
                 tl.store(y_row + t * so_l, y, mask=m_e)
             else:
@@ -280,7 +329,8 @@ if triton is not None:
                     z, sz_b, sz_e, sz_l,
                     bid, offs_e, offs_n, mask_e, mask_n, lo, hi, E, L, N,
                     MODE: tl.constexpr, REVERSE: tl.constexpr, STEP: tl.constexpr,
-                    BLOCK_N: tl.constexpr, EVEN_E: tl.constexpr, EVEN_N: tl.constexpr):
+                    BLOCK_N: tl.constexpr, EVEN_E: tl.constexpr, EVEN_N: tl.constexpr,
+                    BC_WORDS: tl.constexpr):
         """Walk tokens lo..hi-1 (hi-1..lo if REVERSE) through h = exp(dt A) h + dt B u.
 
         MODE 0: return the end state and the chunk's sum of dt (the chunk summary);
@@ -299,8 +349,15 @@ if triton is not None:
         d_row = d_ptr + bid * sd_b + offs_e * sd_e
         y_row = y_ptr + bid * so_b + offs_e * so_e
         z_row = z + bid * sz_b + offs_e * sz_e
-        B_row = B_ptr + bid * sB_b + offs_n * sB_n
-        C_row = C_ptr + bid * sC_b + offs_n * sC_n
+        if BC_WORDS:  # bf16 B, C with unit state stride: a token's N values as N/2 words
+            offs_w = tl.arange(0, BLOCK_N // 2)
+            B_row = (B_ptr + bid * sB_b).to(tl.pointer_type(tl.int32)) + offs_w
+            C_row = (C_ptr + bid * sC_b).to(tl.pointer_type(tl.int32)) + offs_w
+            sB_l = sB_l // 2
+            sC_l = sC_l // 2
+        else:
+            B_row = B_ptr + bid * sB_b + offs_n * sB_n
+            C_row = C_ptr + bid * sC_b + offs_n * sC_n
         n_tok = hi - lo
         n_full = n_tok // STEP * STEP
         last = n_tok - 1
@@ -330,7 +387,7 @@ if triton is not None:
                     E, L, N, n_chunks,
                     SUMMARY: tl.constexpr, HAS_CARRY: tl.constexpr, BLOCK_E: tl.constexpr,
                     BLOCK_N: tl.constexpr, STEP: tl.constexpr, chunk_l,
-                    EVEN_E: tl.constexpr, EVEN_N: tl.constexpr):
+                    EVEN_E: tl.constexpr, EVEN_N: tl.constexpr, BC_WORDS: tl.constexpr):
         """SUMMARY: each chunk's end states from zero and sums of dt (pass 1).
         Else: merged gated output of the chunk from its incoming states (pass 3): the forward
         direction writes its y into ``out``, the backward one adds its own and gates."""
@@ -348,14 +405,16 @@ if triton is not None:
                                     B_f, sB_bf, sB_nf, sB_lf, C_f, sC_bf, sC_nf, sC_lf,
                                     A_f, D_f, bias_f, zero, out, so_b, so_e, so_l,
                                     z, sz_b, sz_e, sz_l, bid, offs_e, offs_n, mask_e, mask_n,
-                                    lo, hi, E, L, N, 0, False, STEP, BLOCK_N, EVEN_E, EVEN_N)
+                                    lo, hi, E, L, N, 0, False, STEP, BLOCK_N, EVEN_E, EVEN_N,
+                                    BC_WORDS)
             _store_state(h_f, row * N, 1, h, mask_e, N, BLOCK_N, False)
             tl.store(sum_f + row, dt_sum, mask=mask_e)
             h, dt_sum = _state_walk(u_b, su_bb, su_eb, su_lb, d_b, sd_bb, sd_eb, sd_lb,
                                     B_b, sB_bb, sB_nb, sB_lb, C_b, sC_bb, sC_nb, sC_lb,
                                     A_b, D_b, bias_b, zero, out, so_b, so_e, so_l,
                                     z, sz_b, sz_e, sz_l, bid, offs_e, offs_n, mask_e, mask_n,
-                                    lo, hi, E, L, N, 0, True, STEP, BLOCK_N, EVEN_E, EVEN_N)
+                                    lo, hi, E, L, N, 0, True, STEP, BLOCK_N, EVEN_E, EVEN_N,
+                                    BC_WORDS)
             _store_state(h_b, row * N, 1, h, mask_e, N, BLOCK_N, False)
             tl.store(sum_b + row, dt_sum, mask=mask_e)
         else:
@@ -367,7 +426,7 @@ if triton is not None:
                         out, so_b, so_e, so_l,
                         z, sz_b, sz_e, sz_l,
                         bid, offs_e, offs_n, mask_e, mask_n, lo, hi, E, L, N, 1, False, STEP,
-                        BLOCK_N, EVEN_E, EVEN_N)
+                        BLOCK_N, EVEN_E, EVEN_N, BC_WORDS)
             h = zero
             if HAS_CARRY:
                 h = _load_state(h_b, row * N, 1, mask_e, N, BLOCK_N)
@@ -377,7 +436,7 @@ if triton is not None:
                         out, so_b, so_e, so_l,
                         z, sz_b, sz_e, sz_l,
                         bid, offs_e, offs_n, mask_e, mask_n, lo, hi, E, L, N, 2, True, STEP,
-                        BLOCK_N, EVEN_E, EVEN_N)
+                        BLOCK_N, EVEN_E, EVEN_N, BC_WORDS)
 
     @triton.jit
     def _scan(a, b, h0, REVERSE: tl.constexpr):
@@ -445,6 +504,7 @@ if triton is not None:
                       BLOCK_N: tl.constexpr):
         """Gradient the chunk sends to the state before it (after it if REVERSE), from zero:
         r <- exp(dt_t A) (r + C_t g_t), walked against the scan direction."""
+        FAST: tl.constexpr = d_ptr.dtype.element_ty != tl.float32
         bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         A2 = _load_state(A_ptr, offs_e * N, 1, mask_e, N, BLOCK_N) * LOG2E
         r = tl.zeros_like(A2)
@@ -456,7 +516,7 @@ if triton is not None:
                 dt, _ = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e)
                 C_t = _load_n(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, t, mask_n & ok)
                 zz = _load_e(z, sz_b, sz_e, sz_l, bid, offs_e, t, m_e)
-                g = 0.5 * _load_e(dout, sg_b, sg_e, sg_l, bid, offs_e, t, m_e) * zz * tl.sigmoid(zz)
+                g = 0.5 * _load_e(dout, sg_b, sg_e, sg_l, bid, offs_e, t, m_e) * zz * _sigmoid(zz, FAST)
                 r = tl.exp2(dt[None, :] * A2) * (r + C_t * g[None, :])
         return r
 
@@ -503,6 +563,7 @@ if triton is not None:
         ``ckpt``; walk 2 (adjoint direction) recomputes those STEP states from their checkpoint
         and steps back through them: dh = r + C g, r = exp(dt A) dh. Writes du, ddelta, adds
         dA, dD, ddelta_bias, dB, dC and y's share of dz (FIRST writes it, the other adds)."""
+        FAST: tl.constexpr = d_ptr.dtype.element_ty != tl.float32
         idx = tl.arange(0, STEP)
         bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
@@ -549,14 +610,14 @@ if triton is not None:
                 C_t = _load_n(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, t, mask_n & ok)
                 zz = _load_e(z, sz_b, sz_e, sz_l, bid, offs_e, t, m_e)
                 go = 0.5 * _load_e(dout, sg_b, sg_e, sg_l, bid, offs_e, t, m_e)
-                sig_z = tl.sigmoid(zz)
+                sig_z = _sigmoid(zz, FAST)
                 g = go * zz * sig_z
                 h_k = tl.sum(tl.where(idx[:, None, None] == k_back, hist, 0.0), axis=0)
                 dtu = dt * u
                 h_prev = h_k - B_t * dtu[None, :]  # exp(dt A) h_{t-/+1}: what the decay hit
                 dh = r + C_t * g[None, :]
                 ddt = tl.sum(dh * (B_t * u[None, :] + (A2 / LOG2E) * h_prev), axis=0) \
-                    * tl.sigmoid(x)
+                    * _sigmoid(x, FAST)
                 ddt = tl.where(m_e, ddt, 0.0)  # through softplus
                 off = bid * so_b + offs_e * so_e + t * so_l
                 tl.store(du_ptr + off, tl.sum(dh * B_t, axis=0) * dt + D * g, mask=m_e)
@@ -665,6 +726,18 @@ def _carry(loc, sums, A, reverse: bool, cfg: ScanConfig):
     return carry_in
 
 
+def _bc_words(*directions) -> bool:
+    """B and C of every direction can load as words (`_state_walk`): bf16, unit state stride,
+    an even token stride and 4-byte aligned, with an even power-of-two N (no state mask)."""
+    for d in directions:
+        for t, (s_b, s_n, s_l) in ((d[8], d[9:12]), (d[12], d[13:16])):
+            N = t.shape[1]
+            if not (t.dtype == torch.bfloat16 and s_n == 1 and s_l % 2 == 0 and s_b % 2 == 0
+                    and t.data_ptr() % 4 == 0 and N >= 2 and N & (N - 1) == 0):
+                return False
+    return True
+
+
 def _maxnreg(cap: int) -> dict:
     return {'maxnreg': cap} if cap and not INTERPRET else {}
 
@@ -677,7 +750,8 @@ def _forward(fwd, bwd, z, block_l: int, cfg: ScanConfig):
     n_chunks = _cdiv(L, block_l)
     block_n = triton.next_power_of_2(N)
     consts = dict(BLOCK_E=cfg.block_e, BLOCK_N=block_n, chunk_l=block_l, STEP=cfg.fwd_step_l,
-                  num_warps=cfg.num_warps, EVEN_E=E % cfg.block_e == 0, EVEN_N=N == block_n)
+                  num_warps=cfg.num_warps, EVEN_E=E % cfg.block_e == 0, EVEN_N=N == block_n,
+                  BC_WORDS=_bc_words(fwd, bwd))
     grid = (n_chunks, batch, _cdiv(E, cfg.block_e))
     out = _new(u, _token_major(u))
     if n_chunks > 1:
