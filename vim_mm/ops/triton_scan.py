@@ -87,9 +87,9 @@ class ScanConfig:
     step_l: int = 4  # backward: tokens per unrolled step (and per state checkpoint)
     fwd_step_l: int = 2  # forward: tokens per unrolled, prefetched group
     # register caps of the forward passes (0: the compiler's choice): fewer registers, more
-    # warps per SM to hide latency (swept on an H100, benchmarks/README.md "Fourth session")
+    # warps per SM to hide latency (swept on an H100, benchmarks/README.md "Fourth/Fifth session")
     summary_maxnreg: int = 80
-    fwd_maxnreg: int = 128  # the final pass when chunked ...
+    fwd_maxnreg: int = 104  # the final pass when chunked ...
     one_pass_maxnreg: int = 168  # ... and unchunked
     block_e: int = 128  # channels per program in the forward passes
     bwd_block_e: int = 128  # channels per program in the backward passes
@@ -97,7 +97,7 @@ class ScanConfig:
     bwd_num_warps: int = 4
     block_c: int = 32  # chunks per step of the carry scan
     bwd_programs: int = 1024  # block_l=0: the longest chunks giving the backward this many programs
-    fwd_programs: int = 2048  # the same for a forward that needs no backward, ...
+    fwd_programs: int = 1024  # the same for a forward that needs no backward, ...
     one_pass_programs: int = 256  # ... which runs unchunked (one pass) from this many programs
 
 
