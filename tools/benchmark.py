@@ -4,7 +4,9 @@
         --batch 128 32 16 16 4 --mode infer train --dtype bf16 --out benchmarks/results/h100.json
 
 Models: vim-t / vim-s (ours; ``--backend`` or a suffix such as ``vim-t@triton`` picks the mixer
-path: auto, cuda = mamba-ssm kernels, triton = fused scan, torch), deit-t / deit-s (mmpretrain
+path: auto, cuda = mamba-ssm kernels, triton = fused scan, torch; a ``+graph`` suffix, e.g.
+``vim-t@triton+graph``, turns on the backbone's ``cuda_graph`` option, what tools/test.py users
+get, while ``--cuda-graph`` records the whole timed step), deit-t / deit-s (mmpretrain
 VisionTransformer, fused SDPA attention) and deit-t-plain / deit-s-plain (the same with plain
 matmul-softmax attention, as in the paper's comparison). ``--neck`` adds the SimpleFPN neck.
 Timing: warm-up, then CUDA events around each step (host clock on CPU), median of repeats;
@@ -29,11 +31,12 @@ DEIT = {'deit-t': 'deit-tiny', 'deit-s': 'deit-small', 'deit-b': 'deit-base'}
 
 
 def build(name: str, res: int, backend: str | None, neck: bool):
-    base, _, forced = name.replace('-plain', '').partition('@')  # vim-t@triton: mixer path
-    backend = forced or backend
+    graphed = name.endswith('+graph')  # vim-t+graph: the backbone's own CUDA graphs
+    base, _, forced = name.removesuffix('+graph').replace('-plain', '').partition('@')
+    backend = forced or backend  # vim-t@triton: mixer path
     if base in VIM:
         from vim_mm import VisionMamba
-        model = VisionMamba(VIM[base], img_size=res, backend=backend)
+        model = VisionMamba(VIM[base], img_size=res, backend=backend, cuda_graph=graphed)
         dims = model.embed_dims
     elif base in DEIT:
         from mmpretrain.models import VisionTransformer

@@ -17,6 +17,7 @@ import torch.utils.checkpoint as cp
 from ..layers import (DropPath, PatchEmbed, RMSNorm, VisionRotaryEmbedding, insert_middle,
                       resize_pos_grid, split_middle, to_2tuple)
 from ...ops.norm import add_rms_norm
+from ..cuda_graph import GraphCache
 from ..mixer import BiMambaMixer
 
 # Presets as data (Table 1 of the paper; "demo" is a CPU-sized model for the built-in demos).
@@ -76,13 +77,17 @@ class VisionMamba(nn.Module):
         with_cp: activation checkpointing of every block (saves memory at high resolution).
         use_rope: 2-D rotary embedding of the mixer inputs (off in the released models).
         backend: None/'auto', 'cuda' or 'torch' (see ``vim_mm.ops.backend``).
+        cuda_graph: inference (eval mode, no gradients, CUDA input) replays a CUDA graph per
+            input shape instead of launching every kernel from Python: at test-time batch
+            sizes the launches, not the GPU, set the speed (``vim_mm.models.cuda_graph``).
+            At most ``cuda_graph`` shapes when an int (True: 4); later new shapes run eagerly.
         init_cfg: None or ``dict(type='Pretrained', checkpoint=PATH, prefix=None)``.
     """
 
     def __init__(self, arch='tiny', img_size=224, patch_size=16, stride=16, in_channels=3,
                  out_indices=-1, out_type='featmap', with_cls_token=False, final_norm=True,
                  drop_rate=0., drop_path_rate=0., with_cp=False, use_rope=False,
-                 backend=None, init_cfg=None):
+                 backend=None, cuda_graph=False, init_cfg=None):
         super().__init__()
         self.arch_settings = self._parse_arch(arch)
         self.embed_dims = self.arch_settings['embed_dims']
@@ -94,6 +99,8 @@ class VisionMamba(nn.Module):
         self.out_type, self.with_cls_token, self.final_norm = out_type, with_cls_token, final_norm
         self.out_indices = self._parse_out_indices(out_indices)
         self.with_cp, self.backend, self.init_cfg = with_cp, backend, init_cfg
+        self.cuda_graph = cuda_graph
+        self._graphs = GraphCache(4 if cuda_graph is True else int(cuda_graph or 0))
         self._check_init_cfg(init_cfg)
         self.is_init = False
 
@@ -237,6 +244,19 @@ class VisionMamba(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor):
+        if self._graphable(x):
+            return self._graphs(self._forward, x, self._graph_inputs())
+        return self._forward(x)
+
+    def _graphable(self, x: torch.Tensor) -> bool:
+        """CUDA graphs only for inference on CUDA, outside another graph's capture."""
+        return bool(self.cuda_graph) and x.is_cuda and not self.training and \
+            not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()
+
+    def _graph_inputs(self):
+        return [*self.parameters(), *self.buffers()]
+
+    def _forward(self, x: torch.Tensor):
         tokens, grid = self.patch_embed(x)
         if self.with_cls_token:
             tokens = insert_middle(tokens, self.cls_token.expand(tokens.shape[0], -1, -1))

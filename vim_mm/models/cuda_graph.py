@@ -1,0 +1,100 @@
+"""Inference through CUDA graphs, one per input signature ("optional CUDA graphs for fixed shapes").
+
+A Vim-Ti forward launches ~10 kernels per block; at test time (batch 1-16) the host needs longer to
+launch them than the GPU needs to run them (benchmarks/README.md: ~40 ms of host time per forward
+on the Triton path, 32 ms of GPU time at 1024x1024 batch 16). Replaying a recorded graph costs one
+launch. mmdet/mmseg test pipelines feed a fixed size (1024x1024 detection, 512x512 slide crops),
+so a handful of graphs covers them.
+
+``GraphCache`` records a function the first time it sees an input signature (shape, dtype,
+device, autocast state) and replays it afterwards. Graphs read the module's parameters in place:
+``load_state_dict`` (a copy into the same storage) is seen by the next replay, while moving or
+re-allocating the parameters (``.to()``, ``.half()``) drops every graph. Outputs are cloned, so
+callers own them. Beyond ``max_graphs`` signatures the function runs eagerly (with one warning):
+graphs keep their memory.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable
+
+import torch
+
+__all__ = ['GraphCache', 'capture_cuda_graph']
+
+
+def capture_cuda_graph(fn: Callable, static_input: torch.Tensor):
+    """Record ``fn(static_input)`` as a CUDA graph; returns (replay, static outputs)."""
+    side = torch.cuda.Stream(static_input.device)
+    side.wait_stream(torch.cuda.current_stream(static_input.device))
+    with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles and autotunes here
+        for _ in range(2):
+            fn(static_input)
+    torch.cuda.current_stream(static_input.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn(static_input)
+    return graph.replay, outputs
+
+
+def signature(x: torch.Tensor) -> tuple:
+    """What a graph is specialised on: the input's shape, dtype and device, and autocast."""
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    return (tuple(x.shape), x.dtype, x.device, autocast,
+            torch.get_autocast_dtype(device_type) if autocast else None)
+
+
+class GraphCache:
+    """Run ``fn(x)`` through recorded graphs, one per :func:`signature` of ``x``.
+
+    Args:
+        max_graphs: signatures to record; later ones run eagerly.
+        capture: ``capture(fn, static_input) -> (replay, static_outputs)``, by default
+            :func:`capture_cuda_graph` (tests inject a stand-in).
+
+    Call it as ``cache(fn, x, tensors)``: ``fn`` returns a tensor or a tuple of tensors,
+    ``tensors`` are what the graphs read besides ``x`` (a module's parameters and buffers): when
+    any of them is re-allocated, every graph is dropped and recorded again. A copy (``deepcopy``,
+    e.g. an EMA model) or a pickle starts empty: graphs belong to one set of tensors.
+    """
+
+    def __init__(self, max_graphs: int = 4, capture: Callable = capture_cuda_graph):
+        self.max_graphs, self.capture = max_graphs, capture
+        self.graphs: dict = {}
+        self._storage = None
+        self._warned = False
+
+    def __deepcopy__(self, memo):
+        return GraphCache(self.max_graphs, self.capture)
+
+    def __getstate__(self):
+        return dict(max_graphs=self.max_graphs)
+
+    def __setstate__(self, state):
+        self.__init__(state['max_graphs'])
+
+    def __call__(self, fn: Callable, x: torch.Tensor, tensors: Iterable[torch.Tensor]):
+        storage = tuple(t.data_ptr() for t in tensors)
+        if storage != self._storage:  # tensors moved: the graphs would read stale memory
+            self.graphs.clear()
+            self._storage = storage
+        key = signature(x)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:
+                if not self._warned:
+                    warnings.warn(f'CUDA graphs: {self.max_graphs} input shapes recorded '
+                                  f'already; {tuple(x.shape)} and later new shapes run eagerly '
+                                  '(raise max_graphs, or feed fixed-size inputs)')
+                    self._warned = True
+                return fn(x)
+            static_input = x.detach().clone()
+            replay, outputs = self.capture(fn, static_input)
+            entry = self.graphs[key] = (static_input, replay, outputs)
+        static_input, replay, outputs = entry
+        static_input.copy_(x)
+        replay()
+        if isinstance(outputs, torch.Tensor):
+            return outputs.clone()
+        return type(outputs)(o.clone() for o in outputs)
