@@ -51,7 +51,8 @@ def main():
                 with torch.no_grad(), torch.autocast('cuda', dtype, enabled=dtype != torch.float32):
                     graphed = model(x)
                     eager = model._forward(x)
-                diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(graphed, eager))
+                diff = max((a.float() - b.float()).abs().max().item()
+                           for a, b in zip(graphed, eager))
                 row = dict(backend=backend, dtype=str(dtype), shape=shape, max_abs_diff=diff,
                            graphs=len(model._graphs.graphs))
                 ok &= diff == 0.0

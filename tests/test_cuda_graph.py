@@ -102,13 +102,26 @@ def test_reallocated_parameters_are_recorded_again(monkeypatch):
     assert fake.recorded == 2 and out[1].dtype == torch.float64
 
 
+def test_switched_on_after_construction(monkeypatch):
+    """``cuda_graph`` is read at call time (an int: how many shapes to record)."""
+    model, fake = graphed_model(monkeypatch, max_graphs=False)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+        assert fake.recorded == 0
+        model.cuda_graph = 1
+        model(torch.randn(1, 3, 64, 64))
+        with pytest.warns(UserWarning, match='1 input shapes recorded'):
+            model(torch.randn(1, 3, 96, 96))
+    assert fake.recorded == 1
+
+
 def test_copies_start_without_graphs(monkeypatch):
     model, fake = graphed_model(monkeypatch)
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
     assert len(model._graphs.graphs) == 1
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert clone._graphs.graphs == {} and clone._graphs.max_graphs == 4
+        assert clone._graphs.graphs == {}
 
 
 def test_off_by_default_and_cache_signature_includes_autocast():

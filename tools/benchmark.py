@@ -58,16 +58,9 @@ def build(name: str, res: int, backend: str | None, neck: bool):
 
 def capture_cuda_graph(step):
     """Record ``step`` (fixed shapes) once as a CUDA graph; the returned step replays it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream (Triton autotuning, allocations)
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    from vim_mm.models.cuda_graph import capture_cuda_graph as capture
+    replay, _ = capture(step)
+    return replay
 
 
 def timed(fn, device, warmup, repeats):

@@ -1,10 +1,10 @@
 """Inference through CUDA graphs, one per input signature ("optional CUDA graphs for fixed shapes").
 
-A Vim-Ti forward launches ~10 kernels per block; at test time (batch 1-16) the host needs longer to
-launch them than the GPU needs to run them (benchmarks/README.md: ~40 ms of host time per forward
-on the Triton path, 32 ms of GPU time at 1024x1024 batch 16). Replaying a recorded graph costs one
-launch. mmdet/mmseg test pipelines feed a fixed size (1024x1024 detection, 512x512 slide crops),
-so a handful of graphs covers them.
+A Vim forward launches several kernels per block from Python; at test-time batch sizes the host
+needs longer to launch them than the GPU needs to run them (1024x1024 batch 1 on an H100: 4.4 ms of
+GPU time, 33-43 ms of wall clock; benchmarks/README.md, "Fifth session"). A replay is one
+launch. mmdet/mmseg test pipelines feed a fixed size (1024x1024 detection, 512x512 slide
+crops), so a handful of graphs covers them.
 
 ``GraphCache`` records a function the first time it sees an input signature (shape, dtype,
 device, autocast state) and replays it afterwards. Graphs read the module's parameters in place:
@@ -23,17 +23,18 @@ import torch
 __all__ = ['GraphCache', 'capture_cuda_graph']
 
 
-def capture_cuda_graph(fn: Callable, static_input: torch.Tensor):
-    """Record ``fn(static_input)`` as a CUDA graph; returns (replay, static outputs)."""
-    side = torch.cuda.Stream(static_input.device)
-    side.wait_stream(torch.cuda.current_stream(static_input.device))
+def capture_cuda_graph(fn: Callable, *args, warmup: int = 2):
+    """Record ``fn(*args)`` (CUDA tensors, fixed shapes) as a CUDA graph on the current device;
+    returns (replay, the outputs the replays write into)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles and autotunes here
-        for _ in range(2):
-            fn(static_input)
-    torch.cuda.current_stream(static_input.device).wait_stream(side)
+        for _ in range(warmup):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outputs = fn(static_input)
+        outputs = fn(*args)
     return graph.replay, outputs
 
 
@@ -48,33 +49,32 @@ def signature(x: torch.Tensor) -> tuple:
 class GraphCache:
     """Run ``fn(x)`` through recorded graphs, one per :func:`signature` of ``x``.
 
-    Args:
-        max_graphs: signatures to record; later ones run eagerly.
-        capture: ``capture(fn, static_input) -> (replay, static_outputs)``, by default
-            :func:`capture_cuda_graph` (tests inject a stand-in).
-
-    Call it as ``cache(fn, x, tensors)``: ``fn`` returns a tensor or a tuple of tensors,
-    ``tensors`` are what the graphs read besides ``x`` (a module's parameters and buffers): when
-    any of them is re-allocated, every graph is dropped and recorded again. A copy (``deepcopy``,
-    e.g. an EMA model) or a pickle starts empty: graphs belong to one set of tensors.
+    Call it as ``cache(fn, x, tensors, max_graphs)``: ``fn`` returns a tensor or a tuple of
+    tensors; ``tensors`` are what the graphs read besides ``x`` (a module's parameters and
+    buffers): when any of them is re-allocated, every graph is dropped and recorded again;
+    beyond ``max_graphs`` signatures new ones run eagerly. ``capture(fn, static_input) ->
+    (replay, static_outputs)`` is :func:`capture_cuda_graph` unless a test injects a stand-in.
+    A copy (``deepcopy``, e.g. an EMA model) or a pickle starts empty: graphs belong to one set
+    of tensors.
     """
 
-    def __init__(self, max_graphs: int = 4, capture: Callable = capture_cuda_graph):
-        self.max_graphs, self.capture = max_graphs, capture
+    def __init__(self, capture: Callable = capture_cuda_graph):
+        self.capture = capture
         self.graphs: dict = {}
         self._storage = None
         self._warned = False
 
     def __deepcopy__(self, memo):
-        return GraphCache(self.max_graphs, self.capture)
+        return GraphCache(self.capture)
 
     def __getstate__(self):
-        return dict(max_graphs=self.max_graphs)
+        return {}
 
     def __setstate__(self, state):
-        self.__init__(state['max_graphs'])
+        self.__init__()
 
-    def __call__(self, fn: Callable, x: torch.Tensor, tensors: Iterable[torch.Tensor]):
+    def __call__(self, fn: Callable, x: torch.Tensor, tensors: Iterable[torch.Tensor],
+                 max_graphs: int = 4):
         storage = tuple(t.data_ptr() for t in tensors)
         if storage != self._storage:  # tensors moved: the graphs would read stale memory
             self.graphs.clear()
@@ -82,9 +82,9 @@ class GraphCache:
         key = signature(x)
         entry = self.graphs.get(key)
         if entry is None:
-            if len(self.graphs) >= self.max_graphs:
+            if len(self.graphs) >= max_graphs:
                 if not self._warned:
-                    warnings.warn(f'CUDA graphs: {self.max_graphs} input shapes recorded '
+                    warnings.warn(f'CUDA graphs: {max_graphs} input shapes recorded '
                                   f'already; {tuple(x.shape)} and later new shapes run eagerly '
                                   '(raise max_graphs, or feed fixed-size inputs)')
                     self._warned = True

@@ -215,10 +215,10 @@ if triton is not None:
                        other=0.0).to(tl.float32)[:, None]
 
     @triton.jit
-    def _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, mask):
+    def _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, mask, FAST: tl.constexpr):
         """softplus(delta + bias) (BE,), 0 (no decay, no input) outside ``mask``; and x."""
         x = _load_e(d_ptr, sd_b, sd_e, sd_l, bid, offs_e, t, mask) + bias
-        return tl.where(mask, _softplus(x, d_ptr.dtype.element_ty != tl.float32), 0.0), x
+        return tl.where(mask, _softplus(x, FAST), 0.0), x
 
     @triton.jit
     def _load_state(ptr, base, n_stride, mask_e, N, BLOCK_N: tl.constexpr):
@@ -513,10 +513,11 @@ if triton is not None:
                 t = _token(i0 + k, lo, hi, not REVERSE)
                 ok = (i0 + k) < hi - lo
                 m_e = mask_e & ok
-                dt, _ = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e)
+                dt, _ = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e, FAST)
                 C_t = _load_n(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, t, mask_n & ok)
                 zz = _load_e(z, sz_b, sz_e, sz_l, bid, offs_e, t, m_e)
-                g = 0.5 * _load_e(dout, sg_b, sg_e, sg_l, bid, offs_e, t, m_e) * zz * _sigmoid(zz, FAST)
+                go = 0.5 * _load_e(dout, sg_b, sg_e, sg_l, bid, offs_e, t, m_e)
+                g = go * zz * _sigmoid(zz, FAST)
                 r = tl.exp2(dt[None, :] * A2) * (r + C_t * g[None, :])
         return r
 
@@ -577,7 +578,7 @@ if triton is not None:
                 ok = (j * STEP + k) < hi - lo
                 m_e = mask_e & ok
                 u = _load_e(u_ptr, su_b, su_e, su_l, bid, offs_e, t, m_e)
-                dt, _ = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e)
+                dt, _ = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e, FAST)
                 B_t = _load_n(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, t, mask_n & ok)
                 h = tl.exp2(dt[None, :] * A2) * h + B_t * (dt * u)[None, :]
         tl.debug_barrier()
@@ -594,7 +595,7 @@ if triton is not None:
                 ok = (j * STEP + k) < hi - lo
                 m_e = mask_e & ok
                 u = _load_e(u_ptr, su_b, su_e, su_l, bid, offs_e, t, m_e)
-                dt, _ = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e)
+                dt, _ = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e, FAST)
                 B_t = _load_n(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, t, mask_n & ok)
                 h = tl.exp2(dt[None, :] * A2) * h + B_t * (dt * u)[None, :]
                 hist = tl.where(idx[:, None, None] == k, h[None, :, :], hist)
@@ -605,7 +606,7 @@ if triton is not None:
                 ok = i < hi - lo
                 m_e = mask_e & ok
                 u = _load_e(u_ptr, su_b, su_e, su_l, bid, offs_e, t, m_e)
-                dt, x = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e)
+                dt, x = _load_dt(d_ptr, sd_b, sd_e, sd_l, bias, bid, offs_e, t, m_e, FAST)
                 B_t = _load_n(B_ptr, sB_b, sB_n, sB_l, bid, offs_n, t, mask_n & ok)
                 C_t = _load_n(C_ptr, sC_b, sC_n, sC_l, bid, offs_n, t, mask_n & ok)
                 zz = _load_e(z, sz_b, sz_e, sz_l, bid, offs_e, t, m_e)

@@ -100,7 +100,7 @@ class VisionMamba(nn.Module):
         self.out_indices = self._parse_out_indices(out_indices)
         self.with_cp, self.backend, self.init_cfg = with_cp, backend, init_cfg
         self.cuda_graph = cuda_graph
-        self._graphs = GraphCache(4 if cuda_graph is True else int(cuda_graph or 0))
+        self._graphs = GraphCache()
         self._check_init_cfg(init_cfg)
         self.is_init = False
 
@@ -245,7 +245,8 @@ class VisionMamba(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor):
         if self._graphable(x):
-            return self._graphs(self._forward, x, self._graph_inputs())
+            max_graphs = 4 if self.cuda_graph is True else int(self.cuda_graph)
+            return self._graphs(self._forward, x, self._graph_inputs(), max_graphs)
         return self._forward(x)
 
     def _graphable(self, x: torch.Tensor) -> bool:
