@@ -3,14 +3,16 @@
     python benchmarks/gpu_dense_train.py --out results.json [--parts seg det cls]
 
 seg: UperNet + Vim-T at 512x512, batch 8, 200 iterations on the built-in demo shapes (upscaled
-     by the ADE20K pipeline), next to UperNet with mmseg's DeiT-T-sized VisionTransformer.
+     by the ADE20K pipeline), eager and with the backbone's cuda_graph, next to UperNet with
+     mmseg's DeiT-T-sized VisionTransformer.
 det: Cascade Mask R-CNN + Vim-T at 1024x1024 (LSJ pipeline on the demo shapes), batch 2,
-     with and without with_cp; then inference time per image.
-cls: Vim-Ti ImageNet-recipe train steps at 224 (batch 128, Mixup/CutMix, label smoothing) next
-     to mmpretrain DeiT-Ti with the same head and recipe, on synthetic images; projects the
-     300-epoch ImageNet-1k GPU-hours on 8 such GPUs.
+     with and without with_cp, and with cuda_graph; then inference time per image.
+cls: Vim-Ti ImageNet-recipe train steps at 224 (batch 128, Mixup/CutMix, label smoothing),
+     eager and with cuda_graph, next to mmpretrain DeiT-Ti with the same head and recipe, on
+     synthetic images; projects the 300-epoch ImageNet-1k GPU-hours on 8 such GPUs.
 Iteration time = median of mmengine's logged per-iteration time after warm-up; peak memory =
-torch.cuda.max_memory_allocated over the run.
+torch.cuda.max_memory_allocated over the run; reserved_gb_end = the allocator's reserved memory
+after the run (CUDA graphs keep theirs in private pools, which count as reserved only).
 """
 import argparse
 import copy
@@ -63,16 +65,22 @@ def run_training(cfg, iters, log_interval=10):
         cfg.optim_wrapper.pop('loss_scale', None)
         cfg.optim_wrapper.pop('dtype', None)
     cfg.launcher = 'none'
+    if CUDA:  # reserved_gb_end should see this run's memory, not earlier runs' caches
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
     runner = Runner.from_cfg(cfg)
     start = time.time()
     runner.train()
     wall = time.time() - start
+    reserved = torch.cuda.memory_reserved() / 2**30 if CUDA else None
     scalars, = glob.glob(osp.join(work, '**', 'scalars.json'), recursive=True)
     logs = [json.loads(line) for line in open(scalars) if '"loss"' in line]
     times = [r['time'] for r in logs[2:]] or [r['time'] for r in logs]
     # mmengine resets the CUDA peak at every log line and logs it (MB) as 'memory'
     return runner, dict(iter_time_s=statistics.median(times), wall_s=wall,
                         peak_mem_gb=max(r.get('memory', 0) for r in logs) / 1024,
+                        reserved_gb_end=reserved,
                         loss_first=logs[0]['loss'], loss_last=logs[-1]['loss'],
                         loss_curve=[(r['iter'], round(r['loss'], 4)) for r in logs])
 
@@ -80,7 +88,7 @@ def run_training(cfg, iters, log_interval=10):
 def seg_part(iters):
     demo = cfg_of('configs/seg/upernet_vim_demo.py')
     results = {}
-    for name in ('upernet_vim-t', 'upernet_deit-t'):
+    for name in ('upernet_vim-t', 'upernet_vim-t+graph', 'upernet_deit-t'):
         cfg = cfg_of('configs/seg/upernet_vim-t_4xb4-160k_ade20k-512x512.py')
         pipeline = [dict(type='LoadAnnotations') if t['type'] == 'LoadAnnotations' else t
                     for t in cfg.train_pipeline]
@@ -90,6 +98,7 @@ def seg_part(iters):
         for head in ('decode_head', 'auxiliary_head'):
             cfg.model[head].num_classes = demo.num_classes
         cfg.model.backbone.init_cfg = None
+        cfg.model.backbone.cuda_graph = name.endswith('+graph') and CUDA
         if name == 'upernet_deit-t':
             cfg.model.backbone = dict(type='mmseg.VisionTransformer', img_size=(512, 512),
                                       patch_size=16, embed_dims=192, num_layers=12, num_heads=3,
@@ -113,7 +122,7 @@ def shrink_canvas(cfg, size):
                 t[key] = canvas
 
 
-def det_cfg(demo, with_cp):
+def det_cfg(demo, with_cp, cuda_graph=False):
     """The COCO Cascade Mask R-CNN Vim-T config on the demo shapes (batch 2, 1024 LSJ)."""
     cfg = cfg_of('configs/det/cascade-mask-rcnn_vim-t_simplefpn_8xb8-380k_coco-1024.py')
     cfg.train_dataloader = copy.deepcopy(demo.train_dataloader)
@@ -121,6 +130,7 @@ def det_cfg(demo, with_cp):
     cfg.train_dataloader.update(batch_size=2, num_workers=4, persistent_workers=True)
     cfg.model.backbone.init_cfg = None
     cfg.model.backbone.with_cp = with_cp
+    cfg.model.backbone.cuda_graph = cuda_graph and CUDA
     if SMOKE:  # 1024x1024 does not fit a CPU's memory through the PyTorch scan
         shrink_canvas(cfg, 256)
     for head in cfg.model.roi_head.bbox_head:
@@ -135,11 +145,12 @@ def det_part(iters):
     # without it the first timed run came out ~2x too slow (0.70 instead of 0.35 s/iter)
     run_training(det_cfg(demo, False), min(iters, 10), log_interval=5)
     results = {}
-    for with_cp in (False, True):
-        cfg = det_cfg(demo, with_cp)
+    for with_cp, graph in ((False, False), (True, False), (False, True)):
+        cfg = det_cfg(demo, with_cp, graph)
         runner, row = run_training(cfg, iters, log_interval=5)
-        results[f'cascade_vim-t_1024_b2_with_cp={with_cp}'] = row
-        print('det with_cp', with_cp, {k: v for k, v in row.items() if k != 'loss_curve'}, flush=True)
+        results[f'cascade_vim-t_1024_b2_with_cp={with_cp}' + ('+graph' if graph else '')] = row
+        print('det with_cp', with_cp, 'graph', graph,
+              {k: v for k, v in row.items() if k != 'loss_curve'}, flush=True)
     # inference: one 1024x1024 image at a time through the test pipeline
     test_cfg = copy.deepcopy(demo.val_dataloader)
     test_cfg.dataset.pipeline = cfg.test_pipeline
@@ -171,12 +182,14 @@ def cls_part(iters):
     device = 'cuda' if CUDA else 'cpu'
     batch = 2 if SMOKE else 128
     iters = 3 if SMOKE else iters
-    for name in ('vim-ti', 'deit-ti'):
+    for name in ('vim-ti', 'vim-ti+graph', 'deit-ti'):
         cfg = cfg_of('configs/cls/vim-tiny-p16_8xb128-300e_in1k-224.py')
         if name == 'deit-ti':
             cfg.model.backbone = dict(type='VisionTransformer', arch='deit-tiny', img_size=224,
                                       patch_size=16, out_type='cls_token', drop_path_rate=0.1)
         cfg.model.backbone.pop('init_cfg', None)
+        if name == 'vim-ti+graph' and CUDA:
+            cfg.model.backbone.cuda_graph = True
         with DefaultScope.overwrite_default_scope('mmpretrain'):
             model = MODELS.build(cfg.model).to(device).train()
             optim_cfg = copy.deepcopy(cfg.optim_wrapper)
@@ -200,6 +213,7 @@ def cls_part(iters):
         hours = 300 * 1_281_167 / (ips * 8) / 3600
         results[name] = dict(img_per_s=ips,
                              peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else None,
+                             reserved_gb_end=torch.cuda.memory_reserved() / 2 ** 30 if CUDA else None,
                              projected_300ep_wall_h_8gpu=hours, projected_gpu_hours=hours * 8)
         print(name, results[name], flush=True)
     return results

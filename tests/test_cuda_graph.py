@@ -1,8 +1,11 @@
-"""Inference through recorded graphs (``VisionMamba(cuda_graph=...)``), on the CPU.
+"""Recorded graphs (``VisionMamba(cuda_graph=...)``) for inference and training, on the CPU.
 
-A stand-in ``capture`` keeps what a CUDA graph does: it runs the function once on a static
-input and, on every replay, recomputes into the SAME output tensors. So the tests see the
-hazards of the real thing (outputs overwritten by the next replay, graphs reading parameters by
+Stand-in captures keep what CUDA graphs do. Inference: the function runs once on a static
+input and every replay recomputes into the SAME output tensors. Training: like
+``torch.cuda.make_graphed_callables``, an autograd function whose forward overwrites one set of
+saved activations and static outputs, and whose backward writes static gradient buffers and
+hands them out as aliases. So the tests see the hazards of the real thing (outputs and saved
+activations overwritten by the next replay, gradients aliasing graph memory, parameters read by
 address) while the cache, signature, fallback and re-recording logic run for real.
 """
 import copy
@@ -32,15 +35,56 @@ class FakeGraphs:
         return replay, outputs
 
 
-def graphed_model(monkeypatch, max_graphs=True):
+class FakeTrainingGraphs:
+    """``capture_training`` for GraphCache, shaped like make_graphed_callables' result."""
+
+    def __init__(self):
+        self.recorded = self.forwards = self.backwards = 0
+
+    def __call__(self, module, static_input):
+        self.recorded += 1
+        params = tuple(p for p in module.parameters() if p.requires_grad)
+        static = {}
+        fake = self
+
+        class Graphed(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, *ps):
+                fake.forwards += 1
+                static_input.copy_(x)
+                with torch.enable_grad():
+                    static['saved'] = module(static_input)  # one set of saved activations
+                if 'out' not in static:
+                    static['out'] = tuple(torch.empty_like(o) for o in static['saved'])
+                for out, new in zip(static['out'], static['saved']):
+                    out.copy_(new.detach())
+                return tuple(o.detach() for o in static['out'])
+
+            @staticmethod
+            def backward(ctx, *grads):
+                fake.backwards += 1
+                new = torch.autograd.grad(static['saved'], params, grads, retain_graph=True)
+                if 'grads' not in static:
+                    static['grads'] = tuple(torch.empty_like(g) for g in new)
+                for g, n in zip(static['grads'], new):
+                    g.copy_(n)
+                return (None, *(g.detach() for g in static['grads']))
+        return lambda x: Graphed.apply(x, *params)
+
+
+def graphed_model(monkeypatch, max_graphs=True, training=False):
     torch.manual_seed(0)
-    model = VisionMamba('demo', out_indices=(1, 3), cuda_graph=max_graphs).eval()
-    fake = FakeGraphs()
+    model = VisionMamba('demo', out_indices=(1, 3), cuda_graph=max_graphs).train(training)
+    fake, fake_training = FakeGraphs(), FakeTrainingGraphs()
     model._graphs.capture = fake
-    # the CPU stands in for CUDA: same eligibility rule otherwise (eval, no gradients)
-    monkeypatch.setattr(VisionMamba, '_graphable', lambda self, x: bool(self.cuda_graph) and
-                        not self.training and not torch.is_grad_enabled())
-    return model, fake
+    model._graphs.capture_training = fake_training
+    # the CPU stands in for CUDA: same eligibility rules otherwise
+    monkeypatch.setattr(VisionMamba, '_graph_device', staticmethod(lambda x: True))
+    return (model, fake, fake_training) if training else (model, fake)
+
+
+def loss_of(outputs):
+    return sum((o * o).mean() for o in outputs)
 
 
 def test_replays_match_eager_and_callers_own_their_outputs(monkeypatch):
@@ -75,15 +119,59 @@ def test_one_graph_per_shape_then_eager_with_a_warning(monkeypatch):
     assert fake.recorded == 2
 
 
-def test_training_and_gradients_run_eagerly(monkeypatch):
-    model, fake = graphed_model(monkeypatch)
+def test_mixed_modes_run_eagerly(monkeypatch):
+    """Eval mode with gradients, train mode without: neither graph applies."""
+    model, fake, fake_training = graphed_model(monkeypatch, training=True)
     x = torch.randn(1, 3, 64, 64)
+    model.eval()
     out = model(x)  # gradients enabled
     assert out[0].requires_grad
     with torch.no_grad():
         model.train()
         model(x)
-    assert fake.recorded == 0
+    assert fake.recorded == 0 and fake_training.recorded == 0
+
+
+def test_training_graph_gradients_match_eager_and_accumulate(monkeypatch):
+    """Two steps without zeroing the gradients: the sum, as eagerly (the backward's gradient
+    buffers are reused by the next replay, so the cache hands autograd copies)."""
+    model, _, fake = graphed_model(monkeypatch, training=True)
+    reference = copy.deepcopy(model)
+    x1, x2 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    for x in (x1, x2):
+        out = model(x)
+        assert torch.allclose(out[1], reference._forward(x)[1], atol=1e-6)
+        loss_of(out).backward()
+        loss_of(reference._forward(x)).backward()
+    assert fake.recorded == 1 and fake.forwards == 2 and fake.backwards == 2
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_forward_before_the_previous_backward_runs_eagerly(monkeypatch):
+    model, fake_infer, fake = graphed_model(monkeypatch, training=True)
+    reference = copy.deepcopy(model)
+    x1, x2 = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    out1 = model(x1)
+    with pytest.warns(UserWarning, match='before the backward of the previous one'):
+        out2 = model(x2)  # a replay would overwrite out1's saved activations
+    assert fake.forwards == 1
+    (loss_of(out1) + loss_of(out2)).backward()
+    (loss_of(reference._forward(x1)) + loss_of(reference._forward(x2))).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    model(x1)  # backward done: replays again
+    assert fake.forwards == 2
+    model(x2)  # ... and outputs dropped without a backward free it as well
+    assert fake.forwards == 3 and fake.recorded == 1
+    # inference and training graphs share max_graphs (True: 4)
+    with torch.no_grad():
+        model.eval()
+        for size in (64, 96, 128):
+            model(torch.randn(1, 3, size, size))
+        with pytest.warns(UserWarning, match='4 input shapes recorded'):
+            model(torch.randn(1, 3, 160, 160))
+    assert fake_infer.recorded == 3
 
 
 def test_reallocated_parameters_are_recorded_again(monkeypatch):

@@ -5,8 +5,9 @@
 
 Models: vim-t / vim-s (ours; ``--backend`` or a suffix such as ``vim-t@triton`` picks the mixer
 path: auto, cuda = mamba-ssm kernels, triton = fused scan, torch; a ``+graph`` suffix, e.g.
-``vim-t@triton+graph``, turns on the backbone's ``cuda_graph`` option, what tools/test.py users
-get, while ``--cuda-graph`` records the whole timed step), deit-t / deit-s (mmpretrain
+``vim-t@triton+graph``, turns on the backbone's ``cuda_graph`` option, what tools/test.py and
+tools/train.py users get (forward graphs for --mode infer, forward + backward graphs for train),
+while ``--cuda-graph`` records the whole timed inference step), deit-t / deit-s (mmpretrain
 VisionTransformer, fused SDPA attention) and deit-t-plain / deit-s-plain (the same with plain
 matmul-softmax attention, as in the paper's comparison). ``--neck`` adds the SimpleFPN neck.
 Timing: warm-up, then CUDA events around each step (host clock on CPU), median of repeats;
@@ -15,6 +16,7 @@ an out-of-memory is recorded as "OOM". Writes JSON (and a PNG plot with --plot).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os.path as osp
 import platform
@@ -105,7 +107,10 @@ def measure(name, res, batch, mode, dtype, device, args):
             loss.backward()
             for p in params:
                 p.grad = None
+    step()  # compiles kernels and records graphs: the memory peaks are the steady state's
     if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        gc.collect()  # earlier models' graphs (a model and its graph cache form a cycle)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(step, device, args.warmup, args.repeats)
@@ -114,6 +119,8 @@ def measure(name, res, batch, mode, dtype, device, args):
                cuda_graph=bool(args.cuda_graph and mode == 'infer' and device.type == 'cuda'))
     if device.type == 'cuda':
         row['peak_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
+        # graphs keep their memory in private pools, which count as reserved, not allocated
+        row['peak_reserved_gb'] = torch.cuda.max_memory_reserved(device) / 2**30
     if name.partition('@')[0] in VIM:
         row['backend'] = model[0].active_backend if args.neck else model.active_backend
     return row

@@ -77,10 +77,13 @@ class VisionMamba(nn.Module):
         with_cp: activation checkpointing of every block (saves memory at high resolution).
         use_rope: 2-D rotary embedding of the mixer inputs (off in the released models).
         backend: None/'auto', 'cuda' or 'torch' (see ``vim_mm.ops.backend``).
-        cuda_graph: inference (eval mode, no gradients, CUDA input) replays a CUDA graph per
-            input shape instead of launching every kernel from Python: at test-time batch
-            sizes the launches, not the GPU, set the speed (``vim_mm.models.cuda_graph``).
-            At most ``cuda_graph`` shapes when an int (True: 4); later new shapes run eagerly.
+        cuda_graph: replay CUDA graphs, one per input shape, instead of launching every kernel
+            from Python (the launches, not the GPU, set Vim's speed at test-time batch sizes
+            and in training steps; ``vim_mm.models.cuda_graph``): inference (eval mode, no
+            gradients) replays a graph of the forward; training (train mode, gradients) a
+            graph of the forward and one of the backward (one forward per backward). CUDA
+            inputs only. At most ``cuda_graph`` shapes when an int (True: 4), counting both
+            kinds; later new shapes run eagerly.
         init_cfg: None or ``dict(type='Pretrained', checkpoint=PATH, prefix=None)``.
     """
 
@@ -244,15 +247,29 @@ class VisionMamba(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor):
-        if self._graphable(x):
-            max_graphs = 4 if self.cuda_graph is True else int(self.cuda_graph)
+        mode = self._graph_mode(x)
+        max_graphs = 4 if self.cuda_graph is True else int(self.cuda_graph)
+        if mode == 'infer':
             return self._graphs(self._forward, x, self._graph_inputs(), max_graphs)
+        if mode == 'train':
+            return self._graphs.train(self, self._forward, x, max_graphs)
         return self._forward(x)
 
-    def _graphable(self, x: torch.Tensor) -> bool:
-        """CUDA graphs only for inference on CUDA, outside another graph's capture."""
-        return bool(self.cuda_graph) and x.is_cuda and not self.training and \
-            not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()
+    def _graph_mode(self, x: torch.Tensor) -> str | None:
+        """'infer' (eval mode, no gradients), 'train' (train mode, gradients) or None (eager):
+        CUDA graphs only on CUDA, outside another graph's capture."""
+        if not (self.cuda_graph and self._graph_device(x)):
+            return None
+        grad = torch.is_grad_enabled()
+        if not self.training and not grad:
+            return 'infer'
+        if self.training and grad:
+            return 'train'
+        return None
+
+    @staticmethod
+    def _graph_device(x: torch.Tensor) -> bool:
+        return x.is_cuda and not torch.cuda.is_current_stream_capturing()
 
     def _graph_inputs(self):
         return [*self.parameters(), *self.buffers()]
