@@ -16,21 +16,28 @@ def run(*args):
 
 def test_benchmark_tool_cpu(tmp_path):
     out, png = str(tmp_path / 'bench.json'), str(tmp_path / 'bench.png')
-    run('--models', 'vim-t', 'deit-t', 'deit-t-plain', '--res', '32', '48', '--batch', '2', '1',
-        '--mode', 'infer', 'train', '--device', 'cpu', '--warmup', '0', '--repeats', '1',
-        '--out', out, '--plot', png)
+    run('--models', 'vim-t', 'vim-t+cp', 'deit-t', 'deit-t-plain', '--res', '32', '48',
+        '--batch', '2', '1', '--mode', 'infer', 'train', '--device', 'cpu', '--warmup', '0',
+        '--repeats', '1', '--out', out, '--plot', png)
     with open(out) as f:
         result = json.load(f)
     rows = result['results']
     assert result['meta']['dtype'] == 'fp32'  # the CPU default
     assert {(r['model'], r['res'], r['mode']) for r in rows} == {
-        (m, res, mode) for m in ('vim-t', 'deit-t', 'deit-t-plain') for res in (32, 48)
+        (m, res, mode) for m in ('vim-t', 'vim-t+cp', 'deit-t', 'deit-t-plain') for res in (32, 48)
         for mode in ('infer', 'train')}
     for row in rows:
         assert row['img_per_s'] > 0 and row['seconds'] > 0
         assert row['batch'] == (2 if row['res'] == 32 else 1)
-        assert row.get('backend') == ('torch' if row['model'] == 'vim-t' else None)
+        assert row.get('backend') == ('torch' if row['model'].startswith('vim') else None)
     assert osp.getsize(png) > 0
     replot = str(tmp_path / 'replot.png')
     run('--from-json', out, '--plot', replot)
     assert osp.getsize(replot) > 0
+
+
+def test_unknown_model_option_is_refused():
+    proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'), '--models',
+                           'vim-t+fast', '--res', '32', '--device', 'cpu'],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode != 0 and "the suffixes are +cp and +graph" in proc.stderr

@@ -4,7 +4,8 @@
         --batch 128 32 16 16 4 --mode infer train --dtype bf16 --out benchmarks/results/h100.json
 
 Models: vim-t / vim-s (ours; ``--backend`` or a suffix such as ``vim-t@triton`` picks the mixer
-path: auto, cuda = mamba-ssm kernels, triton = fused scan, torch; a ``+graph`` suffix, e.g.
+path: auto, cuda = mamba-ssm kernels, triton = fused scan, torch; ``+cp`` turns on the
+backbone's activation checkpointing (with_cp); a ``+graph`` suffix, e.g.
 ``vim-t@triton+graph``, turns on the backbone's ``cuda_graph`` option, what tools/test.py and
 tools/train.py users get (forward graphs for --mode infer, forward + backward graphs for train),
 while ``--cuda-graph`` records the whole timed inference step), deit-t / deit-s (mmpretrain
@@ -33,12 +34,16 @@ DEIT = {'deit-t': 'deit-tiny', 'deit-s': 'deit-small', 'deit-b': 'deit-base'}
 
 
 def build(name: str, res: int, backend: str | None, neck: bool):
-    graphed = name.endswith('+graph')  # vim-t+graph: the backbone's own CUDA graphs
-    base, _, forced = name.removesuffix('+graph').replace('-plain', '').partition('@')
-    backend = forced or backend  # vim-t@triton: mixer path
+    # vim-t@triton+cp+graph: mixer path, the backbone's with_cp and cuda_graph options
+    model_name, *options = name.split('+')
+    if set(options) - {'cp', 'graph'}:
+        raise SystemExit(f'unknown option in {name!r}: the suffixes are +cp and +graph')
+    base, _, forced = model_name.replace('-plain', '').partition('@')
+    backend = forced or backend
     if base in VIM:
         from vim_mm import VisionMamba
-        model = VisionMamba(VIM[base], img_size=res, backend=backend, cuda_graph=graphed)
+        model = VisionMamba(VIM[base], img_size=res, backend=backend,
+                            with_cp='cp' in options, cuda_graph='graph' in options)
         dims = model.embed_dims
     elif base in DEIT:
         from mmpretrain.models import VisionTransformer
@@ -121,7 +126,7 @@ def measure(name, res, batch, mode, dtype, device, args):
         row['peak_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2**30
         # graphs keep their memory in private pools, which count as reserved, not allocated
         row['peak_reserved_gb'] = torch.cuda.max_memory_reserved(device) / 2**30
-    if name.partition('@')[0] in VIM:
+    if name.split('+')[0].partition('@')[0] in VIM:
         row['backend'] = model[0].active_backend if args.neck else model.active_backend
     return row
 

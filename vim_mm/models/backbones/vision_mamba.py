@@ -47,12 +47,24 @@ class VimBlock(nn.Module):
         self.mixer = BiMambaMixer(embed_dims, **mixer_cfg)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, residual=None, scale=None, rope=None, fused: bool = True):
+    def forward(self, x, residual=None, scale=None, rope=None, fused: bool = True,
+                checkpoint: bool = False):
+        """``checkpoint``: keep only the inputs and recompute the rest in backward. The random
+        stochastic-depth draw stays outside the recomputed part, so recomputing needs no saved
+        RNG state (which cannot be read while a CUDA graph records: ``cuda_graph`` with
+        ``with_cp``)."""
+        if checkpoint:
+            out, residual = cp.checkpoint(self._mix, x, residual, scale, rope, fused,
+                                          use_reentrant=False, preserve_rng_state=False)
+        else:
+            out, residual = self._mix(x, residual, scale, rope, fused)
+        return out, residual, self.drop_path.row_scale(out)
+
+    def _mix(self, x, residual, scale, rope, fused):
         hidden, residual = add_rms_norm(x, residual, self.norm.weight, self.norm.eps, scale, fused)
         if rope is not None:
             hidden = VisionRotaryEmbedding.rotate(hidden, *rope)
-        out = self.mixer(hidden)
-        return out, residual, self.drop_path.row_scale(out)
+        return self.mixer(hidden), residual
 
 
 def add_branch(residual, x, scale=None):
@@ -294,11 +306,8 @@ class VisionMamba(nn.Module):
         fused = self.active_backend != 'torch'  # the PyTorch path stays PyTorch end to end
         x, residual, scale = stream, None, None
         for index, layer in enumerate(self.layers):
-            if self.with_cp and self.training and x.requires_grad:
-                x, residual, scale = cp.checkpoint(layer, x, residual, scale, rope, fused,
-                                                   use_reentrant=False)
-            else:
-                x, residual, scale = layer(x, residual, scale, rope, fused)
+            checkpoint = self.with_cp and self.training and torch.is_grad_enabled()
+            x, residual, scale = layer(x, residual, scale, rope, fused, checkpoint)
             if index in self.out_indices:
                 stream = add_branch(residual, x, scale)
                 feat = self.norm_f(stream) if (index == last and self.final_norm) else stream
