@@ -50,22 +50,32 @@ def capture_cuda_graph(fn: Callable, *args, warmup: int = 2):
 def capture_training_graph(module: torch.nn.Module, static_input: torch.Tensor) -> Callable:
     """Record ``module(static_input)`` and its backward (``torch.cuda.make_graphed_callables``):
     the returned callable replays the forward graph, and autograd replays the backward graph.
-    Under autocast, casts are recorded inside the graphs (autocast's weight cache must be off
-    while recording: a cached cast would be a stale copy at the next replay)."""
+
+    The recording differentiates with respect to stand-in leaves that share the parameters'
+    memory, and the replays take the real parameters as inputs: recording never touches the
+    parameters' own autograd nodes, where DistributedDataParallel keeps its all-reduce hooks
+    (those would launch collectives into the graph), while the replayed backward's gradients
+    reach the parameters, and DDP, as usual. Under autocast, casts are recorded inside the
+    graphs (autocast's weight cache must be off while recording: a cached cast would be a stale
+    copy at the next replay)."""
+    names, params = zip(*module.named_parameters())
+    stand_ins = tuple(p.detach().requires_grad_(p.requires_grad) for p in params)
+
+    def forward(x, *weights):
+        return torch.func.functional_call(module, dict(zip(names, weights)), (x,))
     kwargs = {}
     if torch.is_autocast_enabled('cuda'):
         kwargs = dict(dtype=torch.get_autocast_dtype('cuda'))
     with torch.autocast('cuda', enabled=bool(kwargs), cache_enabled=False, **kwargs):
-        graphed = torch.cuda.make_graphed_callables(module, (static_input,))
+        graphed = torch.cuda.make_graphed_callables(forward, (static_input, *stand_ins))
     # the warm-up's eager activations sit in the allocator's cache, which the graphs' private
     # memory pool cannot reuse: give them back instead of holding the step's memory twice
     torch.cuda.empty_cache()
-    return graphed
+    return lambda x: graphed(x, *params)
 
 
 class _Forward(torch.nn.Module):
-    """What a training graph records: ``fn`` with ``owner``'s parameters as its inputs (a
-    separate module: recording replaces the recorded module's ``forward``)."""
+    """What a training graph records: ``fn`` with ``owner``'s parameters."""
 
     def __init__(self, owner: torch.nn.Module, fn: Callable):
         super().__init__()
