@@ -225,3 +225,53 @@ def test_off_by_default_and_cache_signature_includes_autocast():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = cache(fn, x, [weight])
     assert fake.recorded == 2 and out[0].dtype == torch.bfloat16
+
+
+def fake_make_graphed_callables(fn, sample_args):
+    """``torch.cuda.make_graphed_callables`` for a plain function, on the CPU: records by running
+    fn and differentiating w.r.t. the sample leaves (as the real one's warm-up and capture do),
+    then replays on the SAME static inputs (user args copied in unless they share memory)."""
+    static = tuple(sample_args)
+    wanted = [a for a in static if a.requires_grad]
+    torch.autograd.grad(fn(*static), wanted, allow_unused=True,
+                        grad_outputs=[torch.ones_like(o) for o in fn(*static)])
+    saved = {}
+
+    class Graphed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            for s, new in zip(static, inputs):
+                if s.data_ptr() != new.data_ptr():
+                    s.copy_(new)
+            with torch.enable_grad():
+                saved['out'] = fn(*static)
+            return tuple(o.detach() for o in saved['out'])
+
+        @staticmethod
+        def backward(ctx, *grads):
+            got = iter(torch.autograd.grad(saved['out'], wanted, grads, allow_unused=True))
+            return tuple(next(got) if s.requires_grad else None for s in static)
+    return lambda *args: Graphed.apply(*args)
+
+
+def test_training_capture_records_on_stand_ins_and_replays_into_the_parameters(monkeypatch):
+    """capture_training_graph itself (the real one, around a stand-in make_graphed_callables):
+    recording differentiates w.r.t. stand-in leaves, so hooks on the parameters (where DDP
+    all-reduces) stay silent until the real backward, which fills ``.grad`` as eagerly."""
+    monkeypatch.setattr(torch.cuda, 'make_graphed_callables', fake_make_graphed_callables)
+    monkeypatch.setattr(VisionMamba, '_graph_device', staticmethod(lambda x: True))
+    torch.manual_seed(0)
+    model = VisionMamba('demo', out_indices=(1, 3), cuda_graph=True).train()
+    reference = copy.deepcopy(model)
+    fired, seen = [], []
+    for p in model.parameters():
+        p.register_hook(lambda g: seen.append(g))  # runs for autograd.grad w.r.t. p too
+        p.register_post_accumulate_grad_hook(lambda p: fired.append(p))
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)  # records, then replays
+    assert len(model._graphs.graphs) == 1 and fired == [] and seen == []
+    loss_of(out).backward()
+    loss_of(reference._forward(x)).backward()
+    assert len(fired) == len(seen) == len(list(model.parameters()))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
