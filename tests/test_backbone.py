@@ -174,3 +174,23 @@ def test_bad_input_shape_raises():
         model(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match=r'\(B, 3, H, W\)'):
         model(torch.randn(3, 32, 32))
+
+
+@pytest.mark.parametrize('stride', [16, 8])
+def test_patch_embed_is_the_padded_conv(stride):
+    """Non-overlapping patches run as one GEMM over flattened patches (stride 8: the conv);
+    either way the tokens are the conv of the zero-padded image, for sizes that need padding
+    too, and under autocast they come out in its dtype."""
+    from vim_mm.models.layers import PatchEmbed
+    torch.manual_seed(0)
+    embed = PatchEmbed(16, stride, 3, 24).double()
+    for hw in ((64, 64), (50, 83), (16, 16)):
+        image = torch.randn(2, 3, *hw, dtype=torch.float64)
+        tokens, grid = embed(image)
+        pad = [(g - 1) * stride + 16 - s for g, s in zip(grid, hw)]
+        want = embed.proj(torch.nn.functional.pad(image, (0, pad[1], 0, pad[0])))
+        assert tokens.shape == (2, grid[0] * grid[1], 24)
+        torch.testing.assert_close(tokens, want.flatten(2).transpose(1, 2), rtol=1e-12, atol=1e-12)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        tokens, _ = embed.float()(torch.randn(1, 3, 32, 32))
+    assert tokens.dtype == torch.bfloat16
