@@ -148,6 +148,22 @@ def test_training_graph_gradients_match_eager_and_accumulate(monkeypatch):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
 
 
+def test_freezing_parameters_records_again(monkeypatch):
+    """A graph returns gradients for the parameters that were trainable when it was recorded."""
+    model, _, fake = graphed_model(monkeypatch, training=True)
+    x = torch.randn(1, 3, 64, 64)
+    loss_of(model(x)).backward()
+    model.patch_embed.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    loss_of(model(x)).backward()
+    assert fake.recorded == 2
+    assert model.patch_embed.proj.weight.grad is None
+    assert model.layers[0].mixer.in_proj.weight.grad is not None
+    model.patch_embed.requires_grad_(True)  # back to the first graph, which has its gradients
+    loss_of(model(x)).backward()
+    assert fake.recorded == 2 and model.patch_embed.proj.weight.grad is not None
+
+
 def test_a_forward_before_the_previous_backward_runs_eagerly(monkeypatch):
     model, fake_infer, fake = graphed_model(monkeypatch, training=True)
     reference = copy.deepcopy(model)

@@ -175,9 +175,12 @@ class GraphCache:
 
     def train(self, module: torch.nn.Module, fn: Callable, x: torch.Tensor,
               max_graphs: int = 4):
-        """``fn(x)`` with gradients, forward and backward through recorded graphs."""
-        key = ('train', *signature(x))
-        entry = self._lookup(key, x, [*module.parameters(), *module.buffers()], max_graphs)
+        """``fn(x)`` with gradients, forward and backward through recorded graphs (one per
+        input signature and set of trainable parameters: a graph returns gradients for the
+        parameters that required them when it was recorded)."""
+        params = list(module.parameters())
+        key = ('train', *signature(x), tuple(p.requires_grad for p in params))
+        entry = self._lookup(key, x, [*params, *module.buffers()], max_graphs)
         if entry is False:
             return fn(x)
         if entry is None:
