@@ -26,7 +26,10 @@ model = dict(
         out_type='featmap',
         with_cls_token=False,  # dense maps only; a checkpoint's middle class slot is dropped
         final_norm=True,
-        drop_path_rate=0.1),
+        drop_path_rate=0.1,
+        # True: replay CUDA graphs of the backbone (512 crops and slide tests are fixed-size):
+        # UperNet + Vim-T steps ~1.5x faster on an H100 (benchmarks/README.md, sixth session)
+        cuda_graph=False),
     neck=dict(type='SimpleFPN', in_channels=192, out_channels=None,
               scale_factors=(4.0, 2.0, 1.0, 0.5), norm_cfg=norm_cfg),
     decode_head=dict(
