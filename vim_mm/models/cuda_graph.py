@@ -131,11 +131,11 @@ class GraphCache:
     injects a stand-in. A copy (``deepcopy``, e.g. an EMA model) or a pickle starts empty:
     graphs belong to one set of tensors.
 
-    ``cache.train(module, fn, x, max_graphs)`` is the training twin (``fn`` computes with
-    ``module``'s parameters, which get their gradients as usual); ``capture_training(module,
-    static_input) -> callable`` is :func:`capture_training_graph` unless injected. A forward
-    whose previous one still awaits its backward runs eagerly (with one warning): the graph
-    holds a single set of saved activations.
+    ``cache.train(module, fn, x, max_graphs)`` is the training twin (``fn`` returns a tuple of
+    tensors computed with ``module``'s parameters, which get their gradients as usual);
+    ``capture_training(module, static_input) -> callable`` is :func:`capture_training_graph`
+    unless injected. A forward whose previous one still awaits its backward runs eagerly (with
+    one warning): the graph holds a single set of saved activations.
     """
 
     def __init__(self, capture: Callable = capture_cuda_graph,
