@@ -148,6 +148,13 @@ def test_training_graph_gradients_match_eager_and_accumulate(monkeypatch):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
 
 
+def test_an_input_that_needs_its_gradient_runs_eagerly(monkeypatch):
+    model, _, fake = graphed_model(monkeypatch, training=True)
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    loss_of(model(x)).backward()
+    assert fake.recorded == 0 and x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_freezing_parameters_records_again(monkeypatch):
     """A graph returns gradients for the parameters that were trainable when it was recorded."""
     model, _, fake = graphed_model(monkeypatch, training=True)

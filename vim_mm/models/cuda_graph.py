@@ -178,6 +178,8 @@ class GraphCache:
         """``fn(x)`` with gradients, forward and backward through recorded graphs (one per
         input signature and set of trainable parameters: a graph returns gradients for the
         parameters that required them when it was recorded)."""
+        if x.requires_grad:  # the graphs return no gradient for the input
+            return fn(x)
         params = list(module.parameters())
         key = ('train', *signature(x), tuple(p.requires_grad for p in params))
         entry = self._lookup(key, x, [*params, *module.buffers()], max_graphs)
