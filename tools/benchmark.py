@@ -115,7 +115,7 @@ def measure(name, res, batch, mode, dtype, device, args):
     step()  # compiles kernels and records graphs: the memory peaks are the steady state's
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
-        gc.collect()  # earlier models' graphs (a model and its graph cache form a cycle)
+        gc.collect()  # earlier rows' models and their graphs' memory pools
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(step, device, args.warmup, args.repeats)

@@ -7,7 +7,7 @@ launch. mmdet/mmseg test pipelines feed a fixed size (1024x1024 detection, 512x5
 crops), so a handful of graphs covers them.
 
 Training steps are launch-bound too: a Vim-Ti forward + backward at 512x512 batch 16 needs
-~49 ms of GPU time and 95-130 ms of wall clock (benchmarks/README.md, "Sixth session"). Training
+~48 ms of GPU time and 101-126 ms of wall clock (benchmarks/README.md, "Sixth session"). Training
 crops are fixed-size as well (512 segmentation crops, 1024 LSJ detection, 224 classification).
 
 ``GraphCache`` records a function the first time it sees an input signature (shape, dtype,
@@ -135,7 +135,8 @@ class GraphCache:
     tensors computed with ``module``'s parameters, which get their gradients as usual);
     ``capture_training(module, static_input) -> callable`` is :func:`capture_training_graph`
     unless injected. A forward whose previous one still awaits its backward runs eagerly (with
-    one warning): the graph holds a single set of saved activations.
+    one warning): the graph holds a single set of saved activations; so does an input that
+    needs its own gradient (the graphs return none for it).
     """
 
     def __init__(self, capture: Callable = capture_cuda_graph,

@@ -3,8 +3,8 @@
 ``auto`` (the default) takes the mamba-ssm CUDA kernels for CUDA tensors when they import, else
 PyTorch. ``triton`` is the fused bidirectional scan (vim_mm/ops/triton_scan.py), opt-in: its
 inference is 1.2-1.5x faster at 512-2048 px on an H100 (equal at 224 b128, where Python
-launches bound both paths; 3x there with the backbone's ``cuda_graph``), but its backward is slower and needs more memory, so
-``auto`` keeps mamba-ssm (benchmarks/README.md, "Fifth session").
+launches bound both paths; 3x there with the backbone's ``cuda_graph``), but its backward is
+slower and needs more memory, so ``auto`` keeps mamba-ssm (benchmarks/README.md, "Fifth session").
 Force a path with the ``backend`` argument of the model or the ``VIM_MM_BACKEND`` environment
 variable; asking for a path where it cannot run is an error, never a silent fallback. Each
 resolved choice is logged once.

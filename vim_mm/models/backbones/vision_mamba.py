@@ -305,8 +305,8 @@ class VisionMamba(nn.Module):
         last = self.num_layers - 1
         fused = self.active_backend != 'torch'  # the PyTorch path stays PyTorch end to end
         x, residual, scale = stream, None, None
+        checkpoint = self.with_cp and self.training and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
-            checkpoint = self.with_cp and self.training and torch.is_grad_enabled()
             x, residual, scale = layer(x, residual, scale, rope, fused, checkpoint)
             if index in self.out_indices:
                 stream = add_branch(residual, x, scale)
