@@ -18,6 +18,7 @@ setup(
     long_description=(HERE / 'README.md').read_text() if (HERE / 'README.md').exists() else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['vim_mm', 'vim_mm.*']),
+    package_data={'vim_mm.ops': ['csrc/*.cu']},  # compiled at run time (NVRTC)
     python_requires='>=3.10',
     install_requires=['torch>=2.1', 'numpy'],
     extras_require={

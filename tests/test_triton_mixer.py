@@ -29,6 +29,15 @@ with torch.no_grad():  # inference: the fused Triton conv of both directions
     err_ng = rel(fast(h), ref(h))
 print('MAXREL', err, err_ng)
 assert err < 1e-4 and err_ng < 1e-5, (err, err_ng)
+import os  # the opt-in CUDA C++ inference scan refuses what it cannot run, never falls back
+os.environ['VIM_MM_INFER_SCAN'] = 'cuda'
+try:
+    with torch.no_grad():
+        fast(h)
+    raise SystemExit('VIM_MM_INFER_SCAN=cuda ran on CPU tensors')
+except RuntimeError as exc:
+    assert 'VIM_MM_INFER_SCAN=cuda' in str(exc) and 'CUDA tensors' in str(exc), exc
+print('REFUSED')
 '''
 
 
@@ -37,4 +46,4 @@ def test_triton_mixer_matches_torch_mixer():
     proc = subprocess.run([sys.executable, '-c', CODE], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).parents[1], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert 'MAXREL' in proc.stdout
+    assert 'MAXREL' in proc.stdout and 'REFUSED' in proc.stdout

@@ -85,9 +85,11 @@ class BiMambaMixer(nn.Module):
 
         The backward branch's causal conv on the reversed sequence is an anti-causal conv with
         mirrored taps (one Triton kernel makes both directions when no gradient is needed; the
-        PyTorch twin otherwise), and the fused scan runs that branch right to left. ``x_proj``'s
-        rows are reordered to [B, C, dt] and padded to a multiple of 16 so that every token's
-        B and C are aligned vectors."""
+        PyTorch twin otherwise), and the scans run that branch right to left. The fused Triton
+        scan takes ``x_proj``'s rows reordered to [B, C, dt] and padded to a multiple of 16 so
+        that every token's B and C are aligned vectors; the opt-in CUDA C++ inference scan
+        (``VIM_MM_INFER_SCAN=cuda``, no gradients, 16-bit activations) reads x_proj's output
+        as it is and applies dt_proj itself."""
         from ..ops.triton_conv import bidirectional_conv, bidirectional_conv_torch
         from ..ops.triton_scan import bidirectional_selective_scan
         N, R = self.d_state, self.dt_rank
@@ -97,6 +99,14 @@ class BiMambaMixer(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *conv_params))
         conv = bidirectional_conv_torch if needs_grad else bidirectional_conv
         us = conv(x, *conv_params)
+        inference = not (torch.is_grad_enabled() and any(  # nothing the scan reads needs a grad
+            t.requires_grad for t in (x, *fwd.values(), *bwd.values())))
+        if inference and self._use_cuda_scan(us[0], z):
+            from ..ops.cuda_scan import bidirectional_scan_infer
+            x_dbls = [F.linear(u, p['x_proj_w']) for u, p in zip(us, (fwd, bwd))]  # [dt|B|C]
+            y = bidirectional_scan_infer(us[0], x_dbls[0], us[1], x_dbls[1], z, fwd, bwd)
+            # y = [y_fwd, y_bwd] (gated, halved): out_proj over [W, W] adds the directions
+            return F.linear(y, self.out_proj.weight.repeat(1, 2), self.out_proj.bias)
         pad = -(2 * N + R) % 16
         args = []
         for u, p in zip(us, (fwd, bwd)):
@@ -109,3 +119,16 @@ class BiMambaMixer(nn.Module):
                      p['D'].float(), p['dt_bias'].float()]
         y = bidirectional_selective_scan(*args, z.transpose(1, 2))  # (B, E, L), token-major
         return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
+
+    def _use_cuda_scan(self, u, z) -> bool:
+        """Whether inference takes the CUDA C++ scan: only with ``VIM_MM_INFER_SCAN=cuda``
+        (opt-in: slower than the Triton scan at 1024 px and up, ``vim_mm/ops/cuda_scan.py``),
+        and then on inputs it cannot take it is an error, not a silent fallback."""
+        from ..ops.cuda_scan import cuda_scan_applies, infer_scan_choice
+        if infer_scan_choice() != 'cuda':
+            return False
+        why_not = cuda_scan_applies(u, z, self.d_state, self.dt_rank)
+        if why_not:
+            raise RuntimeError(f'VIM_MM_INFER_SCAN=cuda: the CUDA C++ inference scan {why_not}; '
+                               'unset it to use the Triton scan.')
+        return True

@@ -1,0 +1,102 @@
+"""The CUDA C++ inference scan's host side: its source compiles (NVRTC, no GPU needed) for every
+preset with the shared memory the wrapper budgets, and the chunking / fitting rules.
+
+The kernel's numbers are checked on a GPU against the PyTorch twin by
+benchmarks/gpu_infer_scan.py (results in benchmarks/results/h200_infer_scan_v*.json)."""
+import dataclasses
+import struct
+
+import pytest
+import torch
+
+from vim_mm.ops import cuda_scan
+from vim_mm.ops.cuda_scan import DEFAULT_CONFIG, SMEM_LIMIT, chunk_count, fitted, shared_bytes
+
+PRESETS = {'tiny': (16, 12), 'small': (16, 24), 'base': (16, 48), 'demo': (8, 4)}
+RESERVED_SMEM = 1024
+
+
+def _nvrtc():
+    try:
+        from torch.cuda._utils import _nvrtc_compile
+        _nvrtc_compile('extern "C" __global__ void k() {}', 'k', '90')
+    except Exception as exc:  # no NVRTC library in this torch build
+        pytest.skip(f'NVRTC unavailable: {exc!r}')
+    return _nvrtc_compile
+
+
+def elf_sections(blob: bytes) -> dict:
+    """{name: size} of an ELF64 (little-endian) file's sections, e.g. a cubin's."""
+    shoff, = struct.unpack_from('<Q', blob, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from('<HHH', blob, 0x3A)
+    headers = [struct.unpack_from('<IIQQQQ', blob, shoff + i * shentsize) for i in range(shnum)]
+    strtab = headers[shstrndx][4]
+    names = {}
+    for name_off, _, _, _, _, size in headers:
+        end = blob.index(b'\0', strtab + name_off)
+        names[blob[strtab + name_off:end].decode()] = size
+    return names
+
+
+@pytest.mark.parametrize('preset', sorted(PRESETS))
+@pytest.mark.parametrize('fp16', [0, 1])
+def test_kernels_compile_with_the_budgeted_shared_memory(preset, fp16):
+    compile_ = _nvrtc()
+    d_state, dt_rank = PRESETS[preset]
+    cfg = fitted(DEFAULT_CONFIG, d_state, dt_rank)
+    consts = dict(NS=d_state, R=dt_rank, XW=dt_rank + 2 * d_state, CH=cfg.channels,
+                  SPLIT=cfg.split, TT=cfg.tile_l, STAGES=cfg.stages, FP16=fp16,
+                  MIN_BLOCKS=cfg.min_blocks, NPOLY=1)
+    source = ''.join(f'#define {k} {v}\n' for k, v in consts.items()) + cuda_scan.SOURCE.read_text()
+    cubin, name = compile_(source, 'vim_scan_final', '90')
+    sections = elf_sections(cubin)
+    budget = shared_bytes(d_state, dt_rank, cfg, cfg.stages)
+    assert budget <= SMEM_LIMIT
+    for kernel in ('vim_scan_final', 'vim_scan_summary'):
+        assert f'.text.{kernel}' in sections
+        # the section also holds the 1 KB that sm_80+ reserve per block for the system
+        assert sections[f'.nv.shared.{kernel}'] - RESERVED_SMEM == budget
+
+
+def test_fitted_drops_stages_then_channels_until_the_tiles_fit():
+    big = dataclasses.replace(DEFAULT_CONFIG, stages=4, channels=128)
+    for d_state, dt_rank in PRESETS.values():
+        cfg = fitted(big, d_state, dt_rank)
+        assert shared_bytes(d_state, dt_rank, cfg, cfg.stages) <= SMEM_LIMIT
+        # it only shrinks, stages first: channels shrink only once stages are at 2
+        assert cfg.stages <= 4 and cfg.channels <= 128
+        assert cfg.channels == 128 or cfg.stages == 2
+        # and it stops as soon as the tiles fit
+        if cfg.channels < 128:
+            assert shared_bytes(d_state, dt_rank, dataclasses.replace(cfg, channels=cfg.channels * 2),
+                                2) > SMEM_LIMIT
+    with pytest.raises(ValueError, match='shared memory'):
+        fitted(dataclasses.replace(DEFAULT_CONFIG, tile_l=1024), 16, 12)
+
+
+def test_chunk_count_chunks_only_when_the_batch_leaves_sms_idle():
+    sms = 132
+    assert chunk_count(128, 384, 197, sms) == 1  # 224 px, batch 128: thousands of blocks
+    assert chunk_count(16, 384, 4097, sms) == 1  # 1024 px, batch 16: one pass
+    small = chunk_count(4, 384, 16385, sms)  # 2048 px, batch 4: 48 blocks for 132 SMs
+    assert small > 1
+    assert chunk_count(1, 384, 16385, sms) >= small  # fewer rows, at least as many chunks
+    for batch, L in ((1, 1000), (4, 16385), (2, 333)):
+        n = chunk_count(batch, 384, L, sms)
+        assert n == 1 or L / n >= 2 * DEFAULT_CONFIG.tile_l  # chunks of whole tiles, not slivers
+    assert chunk_count(16, 384, 4097, sms, dataclasses.replace(DEFAULT_CONFIG, n_chunks=3)) == 3
+
+
+def test_choice_is_read_from_the_environment(monkeypatch):
+    monkeypatch.delenv('VIM_MM_INFER_SCAN', raising=False)
+    assert cuda_scan.infer_scan_choice() == 'triton'
+    monkeypatch.setenv('VIM_MM_INFER_SCAN', 'CUDA')
+    assert cuda_scan.infer_scan_choice() == 'cuda'
+    monkeypatch.setenv('VIM_MM_INFER_SCAN', 'fast')
+    with pytest.raises(ValueError, match='VIM_MM_INFER_SCAN'):
+        cuda_scan.infer_scan_choice()
+
+
+def test_cpu_tensors_are_refused_with_a_reason():
+    u = torch.zeros(1, 8, 16, dtype=torch.bfloat16)
+    assert 'CUDA' in cuda_scan.cuda_scan_applies(u, u, 16, 12)

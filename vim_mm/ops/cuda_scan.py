@@ -1,0 +1,198 @@
+"""Inference scan of the Vim mixer in CUDA C++: both directions, dt_proj folded in, exps once.
+
+Opt-in (``VIM_MM_INFER_SCAN=cuda``); the default inference scan of the token-major mixer
+(``backend='triton'``) stays the Triton one. Why it exists: the Triton scan (triton_scan.py)
+walks a chunk of tokens per thread and, when the batch cannot fill the GPU (1024 px and up),
+chunks every sequence and so computes each exp twice, while the exps (one per token, channel,
+state and direction, 16 per clock per SM on the MUFU unit) bound the scan.
+``csrc/bimamba_scan_fwd.cu`` walks each sequence in one pass (chunking only when even the split
+below leaves the GPU empty, with chunk summaries combined per chunk instead of a carry pass),
+stages its inputs in shared memory by cp.async, splits a channel's states over ``split`` lanes
+so that one pass has enough warps, applies dt_proj (rank R) itself instead of a GEMM that
+writes (batch, L, E) twice per direction, and reads x_proj's output as it is.
+
+What it measures (H200, benchmarks/README.md "Seventh session"): correct everywhere checked
+(bf16 within 3.6e-3, fp16 within 3.5e-4 of the fp32 PyTorch twin); with these defaults 1.09x
+the Triton scan at 32 x 1025 tokens (512 px, batch 32; 1.5x with ``split=2``) but 1.3-1.8x
+slower at 4097 tokens and more (5-40% with the best swept options), where its shared memory
+runs at 84-90% of its throughput with a third of the wavefronts bank conflicts. So it is not
+the default. Forward only, 16-bit token-major activations: what the mixer has
+under ``torch.no_grad()`` with autocast. Compiled by NVRTC at first use
+(``torch.cuda._compile_kernel``: no toolchain needed); checked against the PyTorch path on the
+GPU by ``benchmarks/gpu_infer_scan.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ['InferScanConfig', 'infer_scan_choice', 'cuda_scan_applies', 'chunk_count',
+           'bidirectional_scan_infer']
+
+SOURCE = Path(__file__).with_name('csrc') / 'bimamba_scan_fwd.cu'
+ENV_VAR = 'VIM_MM_INFER_SCAN'
+CHOICES = ('triton', 'cuda')
+
+
+@dataclass(frozen=True)
+class InferScanConfig:
+    """``channels`` channels per block, ``split`` lanes each; tiles of ``tile_l`` tokens staged
+    ``stages - 1`` tiles ahead; ``poly_final`` / ``poly_summary`` of a lane's exps per token as
+    polynomials on the FMA pipe in the output / chunk-summary walks (0: measured slower, the
+    kernel is not MUFU-bound); the swept options are in benchmarks/README.md, "Seventh
+    session"."""
+    channels: int = 64
+    split: int = 4  # lanes per channel, NS / split states each (more warps, exps still once)
+    tile_l: int = 16
+    stages: int = 3  # at most: fewer where the tiles would not fit 48 KB of shared memory
+    poly_final: int = 0
+    poly_summary: int = 0
+    min_blocks: int = 1  # __launch_bounds__: blocks per SM the register budget must allow
+    # relative cost per token of a chunked walk (summary + output) vs one pass, for chunk_count
+    chunked_cost: float = 1.8
+    n_chunks: int = 0  # 0: chunk_count decides
+
+
+DEFAULT_CONFIG = InferScanConfig()
+
+
+def infer_scan_choice() -> str:
+    """$VIM_MM_INFER_SCAN: 'triton' (default) or 'cuda' (this kernel, or an error)."""
+    choice = os.environ.get(ENV_VAR, 'triton').lower()
+    if choice not in CHOICES:
+        raise ValueError(f'{ENV_VAR}={choice!r}; choose one of {CHOICES}.')
+    return choice
+
+
+def cuda_scan_applies(u, z, d_state: int, dt_rank: int) -> str | None:
+    """None when the kernel can run on these (batch, L, E) inputs (x_proj's output being a
+    fresh (batch, L, dt_rank + 2 N) tensor of their dtype), else why not."""
+    if not (u.is_cuda and z.is_cuda):
+        return 'needs CUDA tensors'
+    if u.dtype not in (torch.bfloat16, torch.float16) or z.dtype != u.dtype:
+        return f'needs bf16/fp16 activations (got {u.dtype}, {z.dtype})'
+    if (dt_rank + 2 * d_state) % 4:
+        return f'needs dt_rank + 2 d_state = {dt_rank + 2 * d_state} to be a multiple of 4'
+    if u.shape[-1] % 8:
+        return f'needs a multiple of 8 channels (got {u.shape[-1]})'
+    for t in (u, z):
+        if not _rows_aligned(t, 8):
+            return 'needs token-major activations with 16-byte aligned rows'
+    return None
+
+
+def _rows_aligned(t: torch.Tensor, vec: int) -> bool:
+    """(batch, L, X) with unit channel stride and rows starting on ``vec``-element bounds."""
+    return (t.stride(-1) == 1 and t.stride(1) % vec == 0 and t.stride(0) % vec == 0
+            and t.data_ptr() % (vec * t.element_size()) == 0)
+
+
+def chunk_count(batch: int, E: int, L: int, sm_count: int,
+                cfg: InferScanConfig = DEFAULT_CONFIG) -> int:
+    """How many chunks to cut each sequence into: one pass unless the blocks of one pass
+    (batch x channel blocks x 2 directions) leave enough SMs idle that shorter, chunked walks
+    finish sooner despite walking twice. The model: blocks sharing an SM take turns, so the
+    cost is (blocks per SM) x (tokens per walk) x (1 or ``chunked_cost``)."""
+    if cfg.n_chunks:
+        return cfg.n_chunks
+    blocks = batch * math.ceil(E / cfg.channels) * 2
+    best, best_cost = 1, math.ceil(blocks / sm_count) * float(L)
+    for n in range(2, max(2, L // (4 * cfg.tile_l)) + 1):
+        waves = math.ceil(blocks * n / sm_count)
+        cost = waves * math.ceil(L / n) * cfg.chunked_cost
+        if cost < best_cost * 0.95:
+            best, best_cost = n, cost
+        if waves > 4:
+            break
+    return best
+
+
+_kernels: dict = {}
+SMEM_LIMIT = 48 * 1024  # static shared memory of one block
+
+
+def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
+    """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, fp32 [B|C|dt] rows,
+    (l, dt u) and (gate, D u gate) per token and channel, the lanes' partial outputs."""
+    width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
+    return (stages * T * (2 * C + width) * 2 + T * -(-width // 4) * 4 * 4 + 2 * T * C * 8
+            + T * C * cfg.split * 4)
+
+
+def fitted(cfg: InferScanConfig, d_state: int, dt_rank: int) -> InferScanConfig:
+    """``cfg`` with fewer stages (down to 2), then fewer channels per block, until the tiles
+    fit the 48 KB of static shared memory of a block."""
+    while shared_bytes(d_state, dt_rank, cfg, cfg.stages) > SMEM_LIMIT:
+        if cfg.stages > 2:
+            cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+        elif cfg.channels > 8:
+            cfg = dataclasses.replace(cfg, channels=cfg.channels // 2)
+        else:
+            raise ValueError(f'InferScanConfig {cfg} cannot fit 48 KB of shared memory for '
+                             f'd_state={d_state}, dt_rank={dt_rank}; lower tile_l')
+    return cfg
+
+
+def _compile(d_state: int, dt_rank: int, dtype: torch.dtype, cfg: InferScanConfig):
+    """The two kernels for a fitted config (NVRTC, once per process and device)."""
+    key = (d_state, dt_rank, dtype, cfg.channels, cfg.split, cfg.tile_l, cfg.stages,
+           cfg.poly_final, cfg.poly_summary, cfg.min_blocks, torch.cuda.current_device())
+    if key not in _kernels:
+        consts = dict(NS=d_state, R=dt_rank, XW=dt_rank + 2 * d_state, CH=cfg.channels,
+                      SPLIT=cfg.split, TT=cfg.tile_l, STAGES=cfg.stages,
+                      FP16=int(dtype == torch.float16), MIN_BLOCKS=cfg.min_blocks)
+        kernels = []
+        for name, poly in (('vim_scan_final', cfg.poly_final),
+                           ('vim_scan_summary', cfg.poly_summary)):
+            defines = ''.join(f'#define {k} {v}\n' for k, v in {**consts, 'NPOLY': poly}.items())
+            kernels.append(torch.cuda._compile_kernel(defines + SOURCE.read_text(), name))
+        _kernels[key] = tuple(kernels)
+    return _kernels[key]
+
+
+def _direction(p: dict):
+    """(dt_proj weight (E, R), dt bias, A (E, N), D), fp32 contiguous."""
+    return [t.detach().float().contiguous() for t in (p['dt_proj_w'], p['dt_bias'], p['A'], p['D'])]
+
+
+def bidirectional_scan_infer(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict,
+                             cfg: InferScanConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """Both scan directions of a Vim layer, gated and halved, side by side.
+
+    u_*: (batch, L, E) conv outputs in original token order (u_b from the anti-causal conv);
+    x_*: their x_proj outputs (batch, L, R + 2N) = [dt | B | C]; z: (batch, L, E); fwd / bwd:
+    the direction parameters of :meth:`BiMambaMixer.direction_params`. Returns (batch, L, 2E):
+    ``[y_fwd, y_bwd] * silu(z) / 2``, so ``out_proj`` over ``[W, W]`` gives the mixer output.
+    """
+    batch, L, E = u_f.shape
+    d_state, dt_rank = fwd['A'].shape[1], fwd['dt_proj_w'].shape[1]
+    cfg = fitted(cfg, d_state, dt_rank)
+    final, summary = _compile(d_state, dt_rank, u_f.dtype, cfg)
+    n_chunks = chunk_count(batch, E, L, torch.cuda.get_device_properties(u_f.device)
+                           .multi_processor_count, cfg)
+    chunk_l = -(-math.ceil(L / n_chunks) // cfg.tile_l) * cfg.tile_l
+    n_chunks = math.ceil(L / chunk_l)
+    out = torch.empty(batch, L, 2 * E, dtype=u_f.dtype, device=u_f.device)
+    if n_chunks > 1:
+        hsum = torch.empty(2, batch, n_chunks, d_state, E, dtype=torch.float32, device=u_f.device)
+        ssum = torch.empty(2, batch, n_chunks, E, dtype=torch.float32, device=u_f.device)
+    else:
+        hsum = ssum = out
+    if u_b.stride() != u_f.stride() or x_b.stride() != x_f.stride() or not all(
+            _rows_aligned(t, 4) for t in (x_f, x_b)) or x_f.shape[-1] != dt_rank + 2 * d_state:
+        raise ValueError('bidirectional_scan_infer: u_f/u_b and x_f/x_b must share their '
+                         'layouts, x_* be (batch, L, dt_rank + 2 N) with 8-byte aligned rows')
+    args = [u_f, u_b, u_f.stride(0), u_f.stride(1), x_f, x_b, x_f.stride(0), x_f.stride(1),
+            z, z.stride(0), z.stride(1), *_direction(fwd), *_direction(bwd),
+            out, out.stride(0), out.stride(1), hsum, ssum, batch, L, E, n_chunks, chunk_l]
+    grid_x = math.ceil(E / cfg.channels)
+    block = (cfg.channels * cfg.split, 1, 1)
+    if n_chunks > 1:
+        summary(grid=(grid_x, batch, 2 * (n_chunks - 1)), block=block, args=args)
+    final(grid=(grid_x, batch, 2 * n_chunks), block=block, args=args)
+    return out
