@@ -1,0 +1,247 @@
+"""Check and time the CUDA C++ inference scan (vim_mm/ops/cuda_scan.py) on a GPU.
+
+(a) correctness against the PyTorch twin in fp32 (``bidirectional_selective_scan_reference``
+    with dt_proj applied in fp32), bf16 and fp16 inputs, Vim-Ti/S/demo widths, short, long and
+    odd lengths, batch 1 to 128, one pass and forced chunkings; the output is poisoned with NaN
+    first, so an unwritten element fails; error = max |ours - ref| / max |ref| (tolerance 1e-2);
+(b) time per call (``triton.testing.do_bench``, median) on Vim-Ti shapes of: this kernel; the
+    fused Triton scan + the two dt_proj GEMMs it needs; two mamba-ssm ``selective_scan_fn``
+    + flips + dt_proj GEMMs (the authors' kernels); with the exp rate each achieves
+    (B * L * E * N * 2 exps per call) and the bytes it must move at least;
+(c) --sweep: the kernel's tile / polynomial / chunking options on the large shapes;
+(d) --model: Vim-Ti features under autocast (bf16 and fp16) with the CUDA C++ scan and with the
+    Triton scan, each against the fp32 PyTorch path (relative error of the features).
+
+    python benchmarks/gpu_infer_scan.py --out infer_scan.json [--sweep] [--model]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, InferScanConfig,  # noqa: E402
+                                  bidirectional_scan_infer, chunk_count, fitted)
+from vim_mm.ops.triton_scan import (bidirectional_selective_scan,  # noqa: E402
+                                    bidirectional_selective_scan_reference)
+
+try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+except Exception:  # optional
+    selective_scan_fn = None
+
+# (batch, L, E, N, R): Vim-Ti at 224 / 512 / 1024 / 1248 / 2048 px, odd and tiny cases,
+# Vim-S and the demo model's widths
+CHECKS = [(128, 197, 384, 16, 12), (32, 1025, 384, 16, 12), (16, 4097, 384, 16, 12),
+          (16, 6085, 384, 16, 12), (4, 16385, 384, 16, 12), (1, 1000, 384, 16, 12),
+          (3, 77, 384, 16, 12), (2, 333, 768, 16, 24), (5, 130, 128, 8, 4), (1, 5, 384, 16, 12)]
+FORCED = [((4, 16385, 384, 16, 12), 7), ((16, 4097, 384, 16, 12), 3), ((2, 333, 768, 16, 24), 4),
+          ((1, 1000, 384, 16, 12), 1), ((3, 77, 384, 16, 12), 2)]
+TIMED = [(128, 197), (32, 1025), (16, 4097), (16, 6085), (4, 16385)]
+
+
+def make_inputs(batch, L, E, N, R, dtype, seed=0):
+    """Vim-like activations (token-major, z a slice of in_proj's output) and fp32 parameters
+    with Mamba's initialisation (A = -(1..N) jittered, dt = softplus(bias) in [1e-3, 1e-1])."""
+    g = torch.Generator(device='cuda').manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, device='cuda', generator=g) * scale
+
+    z = randn(batch, L, 2 * E).to(dtype)[..., E:]
+    us, xs, dirs = [], [], []
+    for _ in range(2):
+        us.append(torch.nn.functional.silu(randn(batch, L, E)).to(dtype))
+        xs.append(randn(batch, L, R + 2 * N).to(dtype))  # [dt | B | C]
+        dt = torch.exp(torch.rand(E, device='cuda', generator=g) * (math.log(0.1) - math.log(1e-3))
+                       + math.log(1e-3))
+        A = -torch.arange(1, N + 1, device='cuda', dtype=torch.float32).repeat(E, 1)
+        dirs.append(dict(dt_proj_w=(torch.rand(E, R, device='cuda', generator=g) * 2 - 1) * R ** -0.5,
+                         dt_bias=dt + torch.log(-torch.expm1(-dt)),
+                         A=A * (0.5 + torch.rand(E, N, device='cuda', generator=g)),
+                         D=randn(E)))
+    return us, xs, z, dirs
+
+
+def reference(us, xs, z, dirs):
+    """(batch, L, E) fp32: the merged, gated output of both directions."""
+    args = []
+    for u, x, p in zip(us, xs, dirs):
+        R, N = p['dt_proj_w'].shape[1], p['A'].shape[1]
+        x = x.float()
+        delta = x[..., :R] @ p['dt_proj_w'].t()
+        args += [u.float().transpose(1, 2), delta.transpose(1, 2), p['A'],
+                 x[..., R:R + N].transpose(1, 2), x[..., R + N:].transpose(1, 2), p['D'], p['dt_bias']]
+    return bidirectional_selective_scan_reference(*args, z.float().transpose(1, 2)).transpose(1, 2)
+
+
+def ours(us, xs, z, dirs, cfg=DEFAULT_CONFIG, poison=False):
+    if poison:  # the kernel allocates its output; poison the allocator's next block instead
+        torch.empty(us[0].shape[0], us[0].shape[1], 2 * us[0].shape[2], dtype=us[0].dtype,
+                    device='cuda').fill_(float('nan'))
+    out = bidirectional_scan_infer(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1], cfg)
+    E = us[0].shape[-1]
+    return out, out[..., :E].float() + out[..., E:].float()
+
+
+def check(shape, dtype, cfg=DEFAULT_CONFIG, seed=0):
+    batch, L, E, N, R = shape
+    us, xs, z, dirs = make_inputs(batch, L, E, N, R, dtype, seed)
+    ref = reference(us, xs, z, dirs)
+    out, y = ours(us, xs, z, dirs, cfg, poison=True)
+    err = ((y - ref).abs().max() / ref.abs().max()).item()
+    n_chunks = chunk_count(batch, E, L, torch.cuda.get_device_properties(0)
+                           .multi_processor_count, fitted(cfg, N, R))
+    return dict(shape=list(shape), dtype=str(dtype).split('.')[-1], n_chunks=n_chunks,
+                rel_err=err, finite=bool(torch.isfinite(out).all()),
+                ok=bool(torch.isfinite(out).all()) and err < 1e-2)
+
+
+def triton_args(us, xs, z, dirs):
+    """The same problem in the Triton op's arguments (dt_proj done outside, as its mixer does)."""
+    args = []
+    for u, x, p in zip(us, xs, dirs):
+        R, N = p['dt_proj_w'].shape[1], p['A'].shape[1]
+        delta = torch.nn.functional.linear(x[..., :R], p['dt_proj_w'].to(x.dtype))
+        args += [u.transpose(1, 2), delta.transpose(1, 2), p['A'], x[..., R:R + N].transpose(1, 2),
+                 x[..., R + N:].transpose(1, 2), p['D'], p['dt_bias']]
+    return args + [z.transpose(1, 2)]
+
+
+def timings(batch, L, E=384, N=16, R=12, dtype=torch.bfloat16, cfg=DEFAULT_CONFIG,
+            only_ours=False):
+    from triton.testing import do_bench
+    us, xs, z, dirs = make_inputs(batch, L, E, N, R, dtype)
+    row = dict(batch=batch, L=L)
+
+    def triton_path():
+        bidirectional_selective_scan(*triton_args(us, xs, z, dirs))
+
+    def mamba_path():
+        for d, (u, x, p) in enumerate(zip(us, xs, dirs)):
+            flip = (lambda t: t.flip(-1)) if d else (lambda t: t)
+            delta = torch.nn.functional.linear(x[..., :R], p['dt_proj_w'].to(x.dtype))
+            selective_scan_fn(flip(u.transpose(1, 2).contiguous()),
+                              flip(delta.transpose(1, 2).contiguous()), p['A'],
+                              flip(x[..., R:R + N].transpose(1, 2).contiguous()),
+                              flip(x[..., R + N:].transpose(1, 2).contiguous()), p['D'],
+                              flip(z.transpose(1, 2).contiguous()), p['dt_bias'], True)
+
+    with torch.no_grad():
+        fns = dict(cuda_cpp=lambda: ours(us, xs, z, dirs, cfg))
+        if not only_ours:
+            fns['triton'] = triton_path
+        if selective_scan_fn is not None and not only_ours:
+            fns['mamba_ssm_x2'] = mamba_path
+        exps = batch * L * E * N * 2
+        # least bytes: u, x_dbl of both directions, z read once, the (L, 2E) output written once
+        nbytes = (2 * (batch * L * E + batch * L * (R + 2 * N)) + batch * L * E
+                  + batch * L * 2 * E) * 2
+        for name, fn in fns.items():
+            ms = do_bench(fn, warmup=25, rep=200, return_mode='median')
+            row[name + '_ms'] = ms
+            row[name + '_gexp_s'] = exps / ms / 1e6
+            row[name + '_GBps'] = nbytes / ms / 1e6
+    return row
+
+
+def model_check(res, batch, dtype, with_cls=False):
+    from vim_mm import VisionMamba
+    torch.manual_seed(0)
+    fast = VisionMamba('tiny', img_size=res, backend='triton', with_cls_token=with_cls,
+                       out_indices=(5, 11, 17, 23)).cuda().eval()
+    ref = VisionMamba('tiny', img_size=res, backend='torch', with_cls_token=with_cls,
+                      out_indices=(5, 11, 17, 23)).cuda().eval()
+    ref.load_state_dict(fast.state_dict())
+    image = torch.randn(batch, 3, res, res, device='cuda')
+    row = dict(res=res, batch=batch, dtype=str(dtype).split('.')[-1], with_cls_token=with_cls)
+    with torch.no_grad():
+        want = ref(image)
+        for scan in ('cuda', 'triton'):
+            os.environ['VIM_MM_INFER_SCAN'] = scan
+            with torch.autocast('cuda', dtype=dtype):
+                got = fast(image)
+            row[f'rel_err_{scan}'] = max(
+                ((a.double() - b.double()).norm() / b.double().norm()).item()
+                for a, b in zip(got, want))
+    os.environ.pop('VIM_MM_INFER_SCAN')
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--out')
+    parser.add_argument('--sweep', action='store_true')
+    parser.add_argument('--model', action='store_true')
+    parser.add_argument('--no-check', action='store_true')
+    parser.add_argument('--once', help='BxL: run the kernel once on Vim-Ti inputs (for ncu)')
+    parser.add_argument('--config', default='{}', help='InferScanConfig fields as JSON (--once)')
+    args = parser.parse_args()
+    if args.once:
+        batch, L = map(int, args.once.split('x'))
+        us, xs, z, dirs = make_inputs(batch, L, 384, 16, 12, torch.bfloat16)
+        ours(us, xs, z, dirs, InferScanConfig(**json.loads(args.config)))
+        torch.cuda.synchronize()
+        return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  python=platform.python_version(), config=dataclasses.asdict(DEFAULT_CONFIG),
+                  command=' '.join(sys.argv))
+    if not args.no_check:
+        rows = []
+        for dtype in (torch.bfloat16, torch.float16):
+            for shape in CHECKS:
+                rows.append(check(shape, dtype))
+                print(json.dumps(rows[-1]), flush=True)
+        for shape, n in FORCED:
+            rows.append(check(shape, torch.bfloat16, InferScanConfig(n_chunks=n), seed=1))
+            print(json.dumps(rows[-1]), flush=True)
+        result['checks'] = rows
+        result['passed'] = all(r['ok'] for r in rows)
+        print('CHECK', 'PASS' if result['passed'] else 'FAIL', flush=True)
+        torch.cuda.empty_cache()
+    result['timings'] = []
+    for batch, L in TIMED:
+        result['timings'].append(timings(batch, L))
+        print(json.dumps(result['timings'][-1]), flush=True)
+    if args.sweep:
+        sweep = []
+        options = [dict(), dict(channels=32), dict(split=2), dict(split=2, channels=32),
+                   dict(poly_final=1), dict(min_blocks=2), dict(tile_l=32)]
+        for batch, L in ((16, 4097), (16, 6085), (128, 197), (32, 1025)):
+            for opt in options + [dict(n_chunks=2), dict(n_chunks=3)]:
+                row = timings(batch, L, cfg=InferScanConfig(**opt), only_ours=True)
+                sweep.append(dict(option=opt, batch=batch, L=L, ms=row['cuda_cpp_ms']))
+                print(json.dumps(sweep[-1]), flush=True)
+        for n in (2, 3, 5, 8, 11, 16):
+            for opt in (dict(n_chunks=n), dict(n_chunks=n, channels=32),
+                        dict(n_chunks=n, poly_summary=1)):
+                row = timings(4, 16385, cfg=InferScanConfig(**opt), only_ours=True)
+                sweep.append(dict(option=opt, batch=4, L=16385, ms=row['cuda_cpp_ms']))
+                print(json.dumps(sweep[-1]), flush=True)
+        result['sweep'] = sweep
+    if args.model:
+        result['model'] = []
+        for res, batch, cls in ((224, 4, True), (512, 2, False), (1024, 1, False)):
+            for dtype in (torch.bfloat16, torch.float16):
+                result['model'].append(model_check(res, batch, dtype, cls))
+                print(json.dumps(result['model'][-1]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print('\n| B x L | cuda C++ ms | triton ms | mamba-ssm x2 ms | C++ Gexp/s |')
+    for r in result['timings']:
+        print(f"| {r['batch']}x{r['L']} | {r['cuda_cpp_ms']:.3f} | {r['triton_ms']:.3f} | "
+              f"{r.get('mamba_ssm_x2_ms', float('nan')):.3f} | {r['cuda_cpp_gexp_s']:.0f} |")
+
+
+if __name__ == '__main__':
+    main()
