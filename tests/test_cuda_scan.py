@@ -97,6 +97,16 @@ def test_choice_is_read_from_the_environment(monkeypatch):
         cuda_scan.infer_scan_choice()
 
 
-def test_cpu_tensors_are_refused_with_a_reason():
-    u = torch.zeros(1, 8, 16, dtype=torch.bfloat16)
-    assert 'CUDA' in cuda_scan.cuda_scan_applies(u, u, 16, 12)
+def test_inputs_the_kernel_cannot_take_are_named():
+    bf16 = dict(dtype=torch.bfloat16)
+    xz = torch.zeros(2, 7, 2 * 384, **bf16)
+    u, z = torch.zeros(2, 7, 384, **bf16), xz[..., 384:]  # z: a slice of in_proj's output
+    assert cuda_scan.layout_problem(u, z, 16, 12) is None
+    assert 'CUDA' in cuda_scan.cuda_scan_applies(u, z, 16, 12)
+    assert 'bf16/fp16' in cuda_scan.layout_problem(u.float(), z.float(), 16, 12)
+    assert 'multiples of 4' in cuda_scan.layout_problem(u, z, 16, 13)
+    assert 'multiple of 8 channels' in cuda_scan.layout_problem(u[..., :380], z[..., :380], 16, 12)
+    channel_major = torch.zeros(2, 384, 7, **bf16).transpose(1, 2)  # (batch, L, E) view
+    assert 'token-major' in cuda_scan.layout_problem(channel_major, z, 16, 12)
+    shifted = xz[..., 4:388]  # rows start 8 bytes off a 16-byte boundary
+    assert 'aligned' in cuda_scan.layout_problem(shifted, z, 16, 12)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ['InferScanConfig', 'infer_scan_choice', 'cuda_scan_applies', 'chunk_count',
-           'bidirectional_scan_infer']
+__all__ = ['InferScanConfig', 'infer_scan_choice', 'cuda_scan_applies', 'layout_problem',
+           'chunk_count', 'fitted', 'shared_bytes', 'bidirectional_scan_infer']
 
 SOURCE = Path(__file__).with_name('csrc') / 'bimamba_scan_fwd.cu'
 ENV_VAR = 'VIM_MM_INFER_SCAN'
@@ -74,10 +74,15 @@ def cuda_scan_applies(u, z, d_state: int, dt_rank: int) -> str | None:
     fresh (batch, L, dt_rank + 2 N) tensor of their dtype), else why not."""
     if not (u.is_cuda and z.is_cuda):
         return 'needs CUDA tensors'
+    return layout_problem(u, z, d_state, dt_rank)
+
+
+def layout_problem(u, z, d_state: int, dt_rank: int) -> str | None:
+    """What, apart from the device, keeps the kernel from these inputs (None: nothing)."""
     if u.dtype not in (torch.bfloat16, torch.float16) or z.dtype != u.dtype:
         return f'needs bf16/fp16 activations (got {u.dtype}, {z.dtype})'
-    if (dt_rank + 2 * d_state) % 4:
-        return f'needs dt_rank + 2 d_state = {dt_rank + 2 * d_state} to be a multiple of 4'
+    if d_state % 4 or dt_rank % 4:
+        return f'needs d_state and dt_rank multiples of 4 (got {d_state}, {dt_rank})'
     if u.shape[-1] % 8:
         return f'needs a multiple of 8 channels (got {u.shape[-1]})'
     for t in (u, z):
