@@ -4,10 +4,13 @@
     with dt_proj applied in fp32), bf16 and fp16 inputs, Vim-Ti/S/demo widths, short, long and
     odd lengths, batch 1 to 128, one pass and forced chunkings; the output is poisoned with NaN
     first, so an unwritten element fails; error = max |ours - ref| / max |ref| (tolerance 1e-2);
-(b) time per call (``triton.testing.do_bench``, median) on Vim-Ti shapes of: this kernel; the
-    fused Triton scan + the two dt_proj GEMMs it needs; two mamba-ssm ``selective_scan_fn``
-    + flips + dt_proj GEMMs (the authors' kernels); with the exp rate each achieves
-    (B * L * E * N * 2 exps per call) and the bytes it must move at least;
+(b) GPU time per call (``triton.testing.do_bench`` of CUDA-graph replays, median) on Vim-Ti
+    shapes of: this kernel; the fused Triton scan + the two dt_proj GEMMs it needs; two mamba-ssm
+    ``selective_scan_fn`` + flips + dt_proj GEMMs (the authors' kernels); with the exp rate each
+    achieves (B * L * E * N * 2 exps per call) and the bytes it must move at least. (The
+    seventh session's JSONs were made before this: their times are do_bench of the eager ops,
+    host overhead included, and this kernel's also include summing its two output halves in
+    fp32, three elementwise passes over (B, L, E) that the model leaves to out_proj.)
 (c) --sweep: the kernel's tile / polynomial / chunking options on the large shapes;
 (d) --model: Vim-Ti features under autocast (bf16 and fp16) with the CUDA C++ scan and with the
     Triton scan, each against the fp32 PyTorch path (relative error of the features).
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, InferScanConfig,  # noqa: E402
                                   bidirectional_scan_infer, chunk_count, fitted)
+from vim_mm.models.cuda_graph import capture_cuda_graph  # noqa: E402
 from vim_mm.ops.triton_scan import (bidirectional_selective_scan,  # noqa: E402
                                     bidirectional_selective_scan_reference)
 
@@ -88,16 +92,21 @@ def ours(us, xs, z, dirs, cfg=DEFAULT_CONFIG, poison=False):
     if poison:  # the kernel allocates its output; poison the allocator's next block instead
         torch.empty(us[0].shape[0], us[0].shape[1], 2 * us[0].shape[2], dtype=us[0].dtype,
                     device='cuda').fill_(float('nan'))
-    out = bidirectional_scan_infer(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1], cfg)
-    E = us[0].shape[-1]
-    return out, out[..., :E].float() + out[..., E:].float()
+    return bidirectional_scan_infer(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1], cfg)
+
+
+def merged(out):
+    """(batch, L, 2E) halves -> their sum (batch, L, E) in fp32, what out_proj over [W, W] sees."""
+    E = out.shape[-1] // 2
+    return out[..., :E].float() + out[..., E:].float()
 
 
 def check(shape, dtype, cfg=DEFAULT_CONFIG, seed=0):
     batch, L, E, N, R = shape
     us, xs, z, dirs = make_inputs(batch, L, E, N, R, dtype, seed)
     ref = reference(us, xs, z, dirs)
-    out, y = ours(us, xs, z, dirs, cfg, poison=True)
+    out = ours(us, xs, z, dirs, cfg, poison=True)
+    y = merged(out)
     err = ((y - ref).abs().max() / ref.abs().max()).item()
     n_chunks = chunk_count(batch, E, L, torch.cuda.get_device_properties(0)
                            .multi_processor_count, fitted(cfg, N, R))
@@ -147,7 +156,9 @@ def timings(batch, L, E=384, N=16, R=12, dtype=torch.bfloat16, cfg=DEFAULT_CONFI
         nbytes = (2 * (batch * L * E + batch * L * (R + 2 * N)) + batch * L * E
                   + batch * L * 2 * E) * 2
         for name, fn in fns.items():
-            ms = do_bench(fn, warmup=25, rep=200, return_mode='median')
+            # replays of a CUDA graph of the op: GPU time only (do_bench records its start event
+            # before the Python of the op runs, so host overhead would count otherwise)
+            ms = do_bench(capture_cuda_graph(fn)[0], warmup=25, rep=200, return_mode='median')
             row[name + '_ms'] = ms
             row[name + '_gexp_s'] = exps / ms / 1e6
             row[name + '_GBps'] = nbytes / ms / 1e6

@@ -122,7 +122,7 @@ class BiMambaMixer(nn.Module):
 
     def _use_cuda_scan(self, u, z) -> bool:
         """Whether inference takes the CUDA C++ scan: only with ``VIM_MM_INFER_SCAN=cuda``
-        (opt-in: slower than the Triton scan at 1024 px and up, ``vim_mm/ops/cuda_scan.py``),
+        (opt-in until it is timed against the Triton scan alike, ``vim_mm/ops/cuda_scan.py``),
         and then on inputs it cannot take it is an error, not a silent fallback."""
         from ..ops.cuda_scan import cuda_scan_applies, infer_scan_choice
         if infer_scan_choice() != 'cuda':

@@ -12,11 +12,11 @@ so that one pass has enough warps, applies dt_proj (rank R) itself instead of a 
 writes (batch, L, E) twice per direction, and reads x_proj's output as it is.
 
 What it measures (H200, benchmarks/README.md "Seventh session"): correct everywhere checked
-(bf16 within 3.6e-3, fp16 within 3.5e-4 of the fp32 PyTorch twin); with these defaults 1.09x
-the Triton scan at 32 x 1025 tokens (512 px, batch 32; 1.5x with ``split=2``) but 1.3-1.8x
-slower at 4097 tokens and more (5-40% with the best swept options), where its shared memory
-runs at 84-90% of its throughput with a third of the wavefronts bank conflicts. So it is not
-the default. Forward only, 16-bit token-major activations: what the mixer has
+(bf16 within 3.6e-3, fp16 within 3.5e-4 of the fp32 PyTorch twin); faster than the Triton scan
+at 32 x 1025 tokens (512 px, batch 32); at 4097 tokens and more the session's timings were not
+like for like (ncu kernel time 745-974 us at 16 x 4097 against 939 us of do_bench for the
+Triton op), and ncu shows its shared memory at 84-90% of its throughput with a third of the
+wavefronts bank conflicts. So it is opt-in until both are timed alike. Forward only, 16-bit token-major activations: what the mixer has
 under ``torch.no_grad()`` with autocast. Compiled by NVRTC at first use
 (``torch.cuda._compile_kernel``: no toolchain needed); checked against the PyTorch path on the
 GPU by ``benchmarks/gpu_infer_scan.py``.

@@ -25,11 +25,11 @@
 // and vim_scan_final starts every chunk from the combination of the chunks before it in its
 // walk order (a few exps per chunk, not per token).
 //
-// Measured on an H200 (benchmarks/README.md, "Seventh session"): with the wrapper's defaults
-// 1.09x the Triton scan at 32 x 1025 tokens, 1.3-1.8x slower at 4097 tokens and more. ncu at
-// 16 x 4097: shared memory (L1) at 84-90% of its throughput, 31% of its wavefronts bank
-// conflicts; steps 2 and 4 index the tile rows by lane (row stride a multiple of 128 bytes):
-// the first thing to change.
+// Measured on an H200 (benchmarks/README.md, "Seventh session"): faster than the Triton scan at
+// 32 x 1025 tokens; at 16 x 4097, 974 us of kernel time with the wrapper's defaults (ncu), with
+// shared memory (L1) at 84-90% of its throughput and 31% of its wavefronts bank conflicts:
+// steps 2 and 4 index the tile rows by lane (row stride a multiple of 128 bytes), the first
+// thing to change.
 //
 // Compile-time constants (prepended by the wrapper): NS (states), R (dt rank), XW (x_dbl row
 // width, [dt | B | C]), CH (channels per block), SPLIT (lanes per channel: CH * SPLIT threads),
