@@ -40,4 +40,19 @@ def test_unknown_model_option_is_refused():
     proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'), '--models',
                            'vim-t+fast', '--res', '32', '--device', 'cpu'],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode != 0 and "the suffixes are +cp and +graph" in proc.stderr
+    assert proc.returncode != 0 and "the suffixes are +cp, +graph and +cscan" in proc.stderr
+
+
+def test_cscan_needs_the_triton_path_and_rows_record_its_failure(tmp_path):
+    """+cscan asks for the CUDA C++ inference scan of the triton path; on the CPU that path
+    cannot run, and the row records the error instead of a number."""
+    proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'), '--models',
+                           'vim-t+cscan', '--res', '32', '--device', 'cpu'],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode != 0 and 'vim-t@triton+cscan' in proc.stderr
+    out = str(tmp_path / 'bench.json')
+    run('--models', 'vim-t@triton+cscan', '--res', '32', '--mode', 'infer', '--device', 'cpu',
+        '--warmup', '0', '--repeats', '1', '--out', out)
+    with open(out) as f:
+        row, = json.load(f)['results']
+    assert row['result'] == 'error' and 'triton' in row['error']

@@ -8,7 +8,8 @@ path: auto, cuda = mamba-ssm kernels, triton = fused scan, torch; ``+cp`` turns 
 backbone's activation checkpointing (with_cp); a ``+graph`` suffix, e.g.
 ``vim-t@triton+graph``, turns on the backbone's ``cuda_graph`` option, what tools/test.py and
 tools/train.py users get (forward graphs for --mode infer, forward + backward graphs for train),
-while ``--cuda-graph`` records the whole timed inference step), deit-t / deit-s (mmpretrain
+while ``--cuda-graph`` records the whole timed inference step; ``+cscan`` runs the row with
+VIM_MM_INFER_SCAN=cuda, the opt-in CUDA C++ inference scan of the triton path), deit-t / deit-s (mmpretrain
 VisionTransformer, fused SDPA attention) and deit-t-plain / deit-s-plain (the same with plain
 matmul-softmax attention, as in the paper's comparison). ``--neck`` adds the SimpleFPN neck.
 Timing: warm-up, then CUDA events around each step (host clock on CPU), median of repeats;
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import os.path as osp
 import platform
 import statistics
@@ -36,10 +38,13 @@ DEIT = {'deit-t': 'deit-tiny', 'deit-s': 'deit-small', 'deit-b': 'deit-base'}
 def build(name: str, res: int, backend: str | None, neck: bool):
     # vim-t@triton+cp+graph: mixer path, the backbone's with_cp and cuda_graph options
     model_name, *options = name.split('+')
-    if set(options) - {'cp', 'graph'}:
-        raise SystemExit(f'unknown option in {name!r}: the suffixes are +cp and +graph')
+    if set(options) - {'cp', 'graph', 'cscan'}:
+        raise SystemExit(f'unknown option in {name!r}: the suffixes are +cp, +graph and +cscan')
     base, _, forced = model_name.replace('-plain', '').partition('@')
     backend = forced or backend
+    if 'cscan' in options and backend != 'triton':
+        raise SystemExit(f'{name!r}: +cscan swaps the inference scan of the triton path; '
+                         f'use {base}@triton+cscan')
     if base in VIM:
         from vim_mm import VisionMamba
         model = VisionMamba(VIM[base], img_size=res, backend=backend,
@@ -90,6 +95,23 @@ def timed(fn, device, warmup, repeats):
 
 
 def measure(name, res, batch, mode, dtype, device, args):
+    """One row; ``+cscan`` runs it with VIM_MM_INFER_SCAN=cuda (the CUDA C++ inference scan)."""
+    scan = 'cuda' if 'cscan' in name.split('+')[1:] else 'triton'
+    saved = os.environ.get('VIM_MM_INFER_SCAN')
+    os.environ['VIM_MM_INFER_SCAN'] = scan
+    try:
+        row = _measure(name, res, batch, mode, dtype, device, args)
+    finally:
+        if saved is None:
+            os.environ.pop('VIM_MM_INFER_SCAN')
+        else:
+            os.environ['VIM_MM_INFER_SCAN'] = saved
+    if row.get('backend') == 'triton':
+        row['infer_scan'] = scan
+    return row
+
+
+def _measure(name, res, batch, mode, dtype, device, args):
     model = build(name, res, args.backend, args.neck).to(device)
     images = torch.randn(batch, 3, res, res, device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
