@@ -11,7 +11,8 @@
     seventh session's JSONs were made before this: their times are do_bench of the eager ops,
     host overhead included, and this kernel's also include summing its two output halves in
     fp32, three elementwise passes over (B, L, E) that the model leaves to out_proj.)
-(c) --sweep: the kernel's tile / polynomial / chunking options on the large shapes;
+(c) --sweep: the kernel's tile / polynomial / chunking / step-mapping options on the large
+    shapes (a few of them are also checked in (a));
 (d) --model: Vim-Ti features under autocast (bf16 and fp16) with the CUDA C++ scan and with the
     Triton scan, each against the fp32 PyTorch path (relative error of the features).
 
@@ -51,6 +52,12 @@ CHECKS = [(128, 197, 384, 16, 12), (32, 1025, 384, 16, 12), (16, 4097, 384, 16, 
 FORCED = [((4, 16385, 384, 16, 12), 7), ((16, 4097, 384, 16, 12), 3), ((2, 333, 768, 16, 24), 4),
           ((1, 1000, 384, 16, 12), 1), ((3, 77, 384, 16, 12), 2)]
 TIMED = [(128, 197), (32, 1025), (16, 4097), (16, 6085), (4, 16385)]
+# options checked too (the default config runs every case above)
+OPTION_CHECKS = [((16, 4097, 384, 16, 12), dict(prep_by_row=True)),
+                 ((4, 16385, 384, 16, 12), dict(prep_by_row=True, n_chunks=11)),
+                 ((3, 77, 384, 16, 12), dict(prep_by_row=True, channels=32, tile_l=32)),
+                 ((16, 4097, 384, 16, 12), dict(channels=32, tile_l=32)),
+                 ((32, 1025, 384, 16, 12), dict(split=2))]
 
 
 def make_inputs(batch, L, E, N, R, dtype, seed=0):
@@ -216,6 +223,10 @@ def main():
         for shape, n in FORCED:
             rows.append(check(shape, torch.bfloat16, InferScanConfig(n_chunks=n), seed=1))
             print(json.dumps(rows[-1]), flush=True)
+        for shape, opt in OPTION_CHECKS:
+            rows.append(dict(check(shape, torch.bfloat16, InferScanConfig(**opt), seed=2),
+                             option=opt))
+            print(json.dumps(rows[-1]), flush=True)
         result['checks'] = rows
         result['passed'] = all(r['ok'] for r in rows)
         print('CHECK', 'PASS' if result['passed'] else 'FAIL', flush=True)
@@ -227,7 +238,9 @@ def main():
     if args.sweep:
         sweep = []
         options = [dict(), dict(channels=32), dict(split=2), dict(split=2, channels=32),
-                   dict(poly_final=1), dict(min_blocks=2), dict(tile_l=32)]
+                   dict(poly_final=1), dict(min_blocks=2), dict(tile_l=32),
+                   dict(prep_by_row=True), dict(prep_by_row=True, channels=32, tile_l=32),
+                   dict(prep_by_row=True, split=2)]
         for batch, L in ((16, 4097), (16, 6085), (128, 197), (32, 1025)):
             for opt in options + [dict(n_chunks=2), dict(n_chunks=3)]:
                 row = timings(batch, L, cfg=InferScanConfig(**opt), only_ours=True)
@@ -235,7 +248,7 @@ def main():
                 print(json.dumps(sweep[-1]), flush=True)
         for n in (2, 3, 5, 8, 11, 16):
             for opt in (dict(n_chunks=n), dict(n_chunks=n, channels=32),
-                        dict(n_chunks=n, poly_summary=1)):
+                        dict(n_chunks=n, poly_summary=1), dict(n_chunks=n, prep_by_row=True)):
                 row = timings(4, 16385, cfg=InferScanConfig(**opt), only_ours=True)
                 sweep.append(dict(option=opt, batch=4, L=16385, ms=row['cuda_cpp_ms']))
                 print(json.dumps(sweep[-1]), flush=True)

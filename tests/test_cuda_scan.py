@@ -43,11 +43,11 @@ def elf_sections(blob: bytes) -> dict:
 def test_kernels_compile_with_the_budgeted_shared_memory(preset, fp16):
     compile_ = _nvrtc()
     d_state, dt_rank = PRESETS[preset]
-    cfg = fitted(DEFAULT_CONFIG, d_state, dt_rank)
-    consts = dict(NS=d_state, R=dt_rank, XW=dt_rank + 2 * d_state, CH=cfg.channels,
-                  SPLIT=cfg.split, TT=cfg.tile_l, STAGES=cfg.stages, FP16=fp16,
-                  MIN_BLOCKS=cfg.min_blocks, NPOLY=1)
-    source = ''.join(f'#define {k} {v}\n' for k, v in consts.items()) + cuda_scan.SOURCE.read_text()
+    cfg = fitted(dataclasses.replace(DEFAULT_CONFIG, poly_final=1, prep_by_row=bool(fp16)),
+                 d_state, dt_rank)
+    dtype = torch.float16 if fp16 else torch.bfloat16
+    source = (cuda_scan.source_defines(d_state, dt_rank, dtype, cfg, 'vim_scan_final')
+              + cuda_scan.SOURCE.read_text())
     cubin, name = compile_(source, 'vim_scan_final', '90')
     sections = elf_sections(cubin)
     budget = shared_bytes(d_state, dt_rank, cfg, cfg.stages)

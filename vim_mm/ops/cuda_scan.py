@@ -16,7 +16,9 @@ What it measures (H200, benchmarks/README.md "Seventh session"): correct everywh
 at 32 x 1025 tokens (512 px, batch 32); at 4097 tokens and more the session's timings were not
 like for like (ncu kernel time 745-974 us at 16 x 4097 against 939 us of do_bench for the
 Triton op), and ncu shows its shared memory at 84-90% of its throughput with a third of the
-wavefronts bank conflicts. So it is opt-in until both are timed alike. Forward only, 16-bit token-major activations: what the mixer has
+wavefronts bank conflicts (``prep_by_row`` is the fix that points at, untimed). So it is
+opt-in until both are timed alike. Its logic is tested on the CPU by compiling the same source
+as C++ with a thread per CUDA thread (tests/cuda_emulation.h). Forward only, 16-bit token-major activations: what the mixer has
 under ``torch.no_grad()`` with autocast. Compiled by NVRTC at first use
 (``torch.cuda._compile_kernel``: no toolchain needed); checked against the PyTorch path on the
 GPU by ``benchmarks/gpu_infer_scan.py``.
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 __all__ = ['InferScanConfig', 'infer_scan_choice', 'cuda_scan_applies', 'layout_problem',
-           'chunk_count', 'fitted', 'shared_bytes', 'bidirectional_scan_infer']
+           'chunk_count', 'fitted', 'shared_bytes', 'launch_plan', 'bidirectional_scan_infer']
 
 SOURCE = Path(__file__).with_name('csrc') / 'bimamba_scan_fwd.cu'
 ENV_VAR = 'VIM_MM_INFER_SCAN'
@@ -53,6 +55,9 @@ class InferScanConfig:
     poly_final: int = 0
     poly_summary: int = 0
     min_blocks: int = 1  # __launch_bounds__: blocks per SM the register budget must allow
+    # steps 2 and 4 by tile row (conflict-free) instead of by lane: the fix ncu points at,
+    # checked on the CPU only (tests/test_cuda_scan_emulated.py), not yet timed on a GPU
+    prep_by_row: bool = False
     # relative cost per token of a chunked walk (summary + output) vs one pass, for chunk_count
     chunked_cost: float = 1.8
     n_chunks: int = 0  # 0: chunk_count decides
@@ -143,26 +148,63 @@ def fitted(cfg: InferScanConfig, d_state: int, dt_rank: int) -> InferScanConfig:
     return cfg
 
 
+def source_defines(d_state: int, dt_rank: int, dtype: torch.dtype, cfg: InferScanConfig,
+                   kernel: str) -> str:
+    """The compile-time constants the kernel source expects, as #defines, for a fitted config."""
+    consts = dict(NS=d_state, R=dt_rank, XW=dt_rank + 2 * d_state, CH=cfg.channels,
+                  SPLIT=cfg.split, TT=cfg.tile_l, STAGES=cfg.stages,
+                  FP16=int(dtype == torch.float16), MIN_BLOCKS=cfg.min_blocks,
+                  PREP_BY_ROW=int(cfg.prep_by_row),
+                  NPOLY=cfg.poly_final if kernel == 'vim_scan_final' else cfg.poly_summary)
+    return ''.join(f'#define {k} {v}\n' for k, v in consts.items())
+
+
 def _compile(d_state: int, dt_rank: int, dtype: torch.dtype, cfg: InferScanConfig):
     """The two kernels for a fitted config (NVRTC, once per process and device)."""
     key = (d_state, dt_rank, dtype, cfg.channels, cfg.split, cfg.tile_l, cfg.stages,
-           cfg.poly_final, cfg.poly_summary, cfg.min_blocks, torch.cuda.current_device())
+           cfg.poly_final, cfg.poly_summary, cfg.min_blocks, cfg.prep_by_row,
+           torch.cuda.current_device())
     if key not in _kernels:
-        consts = dict(NS=d_state, R=dt_rank, XW=dt_rank + 2 * d_state, CH=cfg.channels,
-                      SPLIT=cfg.split, TT=cfg.tile_l, STAGES=cfg.stages,
-                      FP16=int(dtype == torch.float16), MIN_BLOCKS=cfg.min_blocks)
-        kernels = []
-        for name, poly in (('vim_scan_final', cfg.poly_final),
-                           ('vim_scan_summary', cfg.poly_summary)):
-            defines = ''.join(f'#define {k} {v}\n' for k, v in {**consts, 'NPOLY': poly}.items())
-            kernels.append(torch.cuda._compile_kernel(defines + SOURCE.read_text(), name))
-        _kernels[key] = tuple(kernels)
+        _kernels[key] = tuple(
+            torch.cuda._compile_kernel(source_defines(d_state, dt_rank, dtype, cfg, name)
+                                       + SOURCE.read_text(), name)
+            for name in ('vim_scan_final', 'vim_scan_summary'))
     return _kernels[key]
 
 
 def _direction(p: dict):
     """(dt_proj weight (E, R), dt bias, A (E, N), D), fp32 contiguous."""
     return [t.detach().float().contiguous() for t in (p['dt_proj_w'], p['dt_bias'], p['A'], p['D'])]
+
+
+def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfig,
+                sm_count: int):
+    """What :func:`bidirectional_scan_infer` launches, on the inputs' device: the fitted config,
+    the output, the kernels' arguments and [(kernel name, grid, block)] in launch order."""
+    batch, L, E = u_f.shape
+    d_state, dt_rank = fwd['A'].shape[1], fwd['dt_proj_w'].shape[1]
+    if u_b.stride() != u_f.stride() or x_b.stride() != x_f.stride() or not all(
+            _rows_aligned(t, 4) for t in (x_f, x_b)) or x_f.shape[-1] != dt_rank + 2 * d_state:
+        raise ValueError('bidirectional_scan_infer: u_f/u_b and x_f/x_b must share their '
+                         'layouts, x_* be (batch, L, dt_rank + 2 N) with 8-byte aligned rows')
+    cfg = fitted(cfg, d_state, dt_rank)
+    n_chunks = chunk_count(batch, E, L, sm_count, cfg)
+    chunk_l = -(-math.ceil(L / n_chunks) // cfg.tile_l) * cfg.tile_l
+    n_chunks = math.ceil(L / chunk_l)
+    out = torch.empty(batch, L, 2 * E, dtype=u_f.dtype, device=u_f.device)
+    if n_chunks > 1:
+        hsum = torch.empty(2, batch, n_chunks, d_state, E, dtype=torch.float32, device=u_f.device)
+        ssum = torch.empty(2, batch, n_chunks, E, dtype=torch.float32, device=u_f.device)
+    else:
+        hsum = ssum = out
+    args = [u_f, u_b, u_f.stride(0), u_f.stride(1), x_f, x_b, x_f.stride(0), x_f.stride(1),
+            z, z.stride(0), z.stride(1), *_direction(fwd), *_direction(bwd),
+            out, out.stride(0), out.stride(1), hsum, ssum, batch, L, E, n_chunks, chunk_l]
+    grid_x, block = math.ceil(E / cfg.channels), (cfg.channels * cfg.split, 1, 1)
+    launches = [('vim_scan_final', (grid_x, batch, 2 * n_chunks), block)]
+    if n_chunks > 1:
+        launches.insert(0, ('vim_scan_summary', (grid_x, batch, 2 * (n_chunks - 1)), block))
+    return cfg, out, args, launches
 
 
 def bidirectional_scan_infer(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict,
@@ -174,30 +216,10 @@ def bidirectional_scan_infer(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict,
     the direction parameters of :meth:`BiMambaMixer.direction_params`. Returns (batch, L, 2E):
     ``[y_fwd, y_bwd] * silu(z) / 2``, so ``out_proj`` over ``[W, W]`` gives the mixer output.
     """
-    batch, L, E = u_f.shape
-    d_state, dt_rank = fwd['A'].shape[1], fwd['dt_proj_w'].shape[1]
-    cfg = fitted(cfg, d_state, dt_rank)
-    final, summary = _compile(d_state, dt_rank, u_f.dtype, cfg)
-    n_chunks = chunk_count(batch, E, L, torch.cuda.get_device_properties(u_f.device)
-                           .multi_processor_count, cfg)
-    chunk_l = -(-math.ceil(L / n_chunks) // cfg.tile_l) * cfg.tile_l
-    n_chunks = math.ceil(L / chunk_l)
-    out = torch.empty(batch, L, 2 * E, dtype=u_f.dtype, device=u_f.device)
-    if n_chunks > 1:
-        hsum = torch.empty(2, batch, n_chunks, d_state, E, dtype=torch.float32, device=u_f.device)
-        ssum = torch.empty(2, batch, n_chunks, E, dtype=torch.float32, device=u_f.device)
-    else:
-        hsum = ssum = out
-    if u_b.stride() != u_f.stride() or x_b.stride() != x_f.stride() or not all(
-            _rows_aligned(t, 4) for t in (x_f, x_b)) or x_f.shape[-1] != dt_rank + 2 * d_state:
-        raise ValueError('bidirectional_scan_infer: u_f/u_b and x_f/x_b must share their '
-                         'layouts, x_* be (batch, L, dt_rank + 2 N) with 8-byte aligned rows')
-    args = [u_f, u_b, u_f.stride(0), u_f.stride(1), x_f, x_b, x_f.stride(0), x_f.stride(1),
-            z, z.stride(0), z.stride(1), *_direction(fwd), *_direction(bwd),
-            out, out.stride(0), out.stride(1), hsum, ssum, batch, L, E, n_chunks, chunk_l]
-    grid_x = math.ceil(E / cfg.channels)
-    block = (cfg.channels * cfg.split, 1, 1)
-    if n_chunks > 1:
-        summary(grid=(grid_x, batch, 2 * (n_chunks - 1)), block=block, args=args)
-    final(grid=(grid_x, batch, 2 * n_chunks), block=block, args=args)
+    sm_count = torch.cuda.get_device_properties(u_f.device).multi_processor_count
+    cfg, out, args, launches = launch_plan(u_f, x_f, u_b, x_b, z, fwd, bwd, cfg, sm_count)
+    final, summary = _compile(fwd['A'].shape[1], fwd['dt_proj_w'].shape[1], u_f.dtype, cfg)
+    kernels = dict(vim_scan_final=final, vim_scan_summary=summary)
+    for name, grid, block in launches:
+        kernels[name](grid=grid, block=block, args=args)
     return out

@@ -28,13 +28,14 @@
 // Measured on an H200 (benchmarks/README.md, "Seventh session"): faster than the Triton scan at
 // 32 x 1025 tokens; at 16 x 4097, 974 us of kernel time with the wrapper's defaults (ncu), with
 // shared memory (L1) at 84-90% of its throughput and 31% of its wavefronts bank conflicts:
-// steps 2 and 4 index the tile rows by lane (row stride a multiple of 128 bytes), the first
-// thing to change.
+// steps 2 and 4 index the tile rows by lane (row stride a multiple of 128 bytes). PREP_BY_ROW=1
+// maps them by row instead; it is checked on the CPU (tests/test_cuda_scan_emulated.py), not
+// yet timed on a GPU.
 //
 // Compile-time constants (prepended by the wrapper): NS (states), R (dt rank), XW (x_dbl row
 // width, [dt | B | C]), CH (channels per block), SPLIT (lanes per channel: CH * SPLIT threads),
 // TT (tokens per tile), STAGES, FP16 (inputs fp16 instead of bf16), NPOLY, MIN_BLOCKS (blocks
-// per SM the registers must allow).
+// per SM the registers must allow), PREP_BY_ROW (below).
 
 typedef unsigned short u16;
 typedef long long i64;
@@ -42,9 +43,26 @@ typedef long long i64;
 #define XF (((2 * NS + R) + 3) / 4 * 4)  // fp32 row of a tile: [B | C | dt | pad]
 #define NT (CH * SPLIT)                   // threads per block
 #define NPT (NS / SPLIT)                  // states per lane
+// Steps 2 and 4 handle (token row, channel) pairs. PREP_BY_ROW=0: thread (c, lane) of the walk
+// takes its own channel c and the rows lane, lane + SPLIT, ... (a warp touches SPLIT rows, with
+// a row stride of a multiple of 128 bytes: bank conflicts, measured), so a __syncwarp orders
+// them with the walk. PREP_BY_ROW=1: thread i takes channel i % CH of the rows i / CH + k SPLIT
+// (a warp touches one row: conflict-free, global stores coalesced), and needs __syncthreads.
+#if PREP_BY_ROW
+#define PREP_C (threadIdx.x % CH)
+#define PREP_R0 (threadIdx.x / CH)
+#define PREP_SYNC __syncthreads
+#else
+#define PREP_C (threadIdx.x / SPLIT)
+#define PREP_R0 (threadIdx.x % SPLIT)
+#define PREP_SYNC __syncwarp
+#endif
 static_assert(NS % 4 == 0 && R % 4 == 0 && NS % SPLIT == 0 && 32 % SPLIT == 0,
               "vim_scan: NS and R must be multiples of 4, SPLIT divide NS and 32");
 
+// The PTX helpers; tests/cuda_emulation.h gives C++ versions of the same to run the kernels'
+// logic on the CPU (VIM_SCAN_EMULATE, in the tests only).
+#ifndef VIM_SCAN_EMULATE
 __device__ __forceinline__ float to_f32(u16 v) {
 #if FP16
   float f;
@@ -52,23 +70,6 @@ __device__ __forceinline__ float to_f32(u16 v) {
   return f;
 #else
   return __uint_as_float(((unsigned)v) << 16);
-#endif
-}
-
-// the two 16-bit values of a 32-bit word (element 0 in the low half)
-__device__ __forceinline__ float lo_f32(unsigned v) {
-#if FP16
-  return to_f32((u16)(v & 0xffffu));
-#else
-  return __uint_as_float(v << 16);
-#endif
-}
-
-__device__ __forceinline__ float hi_f32(unsigned v) {
-#if FP16
-  return to_f32((u16)(v >> 16));
-#else
-  return __uint_as_float(v & 0xffff0000u);
 #endif
 }
 
@@ -100,21 +101,6 @@ __device__ __forceinline__ float rcp(float x) {
   return y;
 }
 
-// 2^x for x <= 0 without MUFU: 2^round(x) by exponent arithmetic times a polynomial for
-// 2^f, f in [-1/2, 1/2] (least-squares fit for relative error, max 2.3e-7).
-__device__ __forceinline__ float ex2_fma(float x) {
-  x = fmaxf(x, -125.f);
-  const float t = x + 12582912.f;  // 1.5 * 2^23: round to nearest integer j in the low bits
-  const float f = x - (t - 12582912.f);
-  float p = 0.001327647129073739f;
-  p = fmaf(p, f, 0.009675541892647743f);
-  p = fmaf(p, f, 0.05550713092088699f);
-  p = fmaf(p, f, 0.24022120237350464f);
-  p = fmaf(p, f, 0.6931469440460205f);
-  p = fmaf(p, f, 1.0000001192092896f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));  // p * 2^j
-}
-
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   unsigned a;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -140,6 +126,39 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif  // VIM_SCAN_EMULATE
+
+// the two 16-bit values of a 32-bit word (element 0 in the low half)
+__device__ __forceinline__ float lo_f32(unsigned v) {
+#if FP16
+  return to_f32((u16)(v & 0xffffu));
+#else
+  return __uint_as_float(v << 16);
+#endif
+}
+
+__device__ __forceinline__ float hi_f32(unsigned v) {
+#if FP16
+  return to_f32((u16)(v >> 16));
+#else
+  return __uint_as_float(v & 0xffff0000u);
+#endif
+}
+
+// 2^x for x <= 0 without MUFU: 2^round(x) by exponent arithmetic times a polynomial for
+// 2^f, f in [-1/2, 1/2] (least-squares fit for relative error, max 2.3e-7).
+__device__ __forceinline__ float ex2_fma(float x) {
+  x = fmaxf(x, -125.f);
+  const float t = x + 12582912.f;  // 1.5 * 2^23: round to nearest integer j in the low bits
+  const float f = x - (t - 12582912.f);
+  float p = 0.001327647129073739f;
+  p = fmaf(p, f, 0.009675541892647743f);
+  p = fmaf(p, f, 0.05550713092088699f);
+  p = fmaf(p, f, 0.24022120237350464f);
+  p = fmaf(p, f, 0.6931469440460205f);
+  p = fmaf(p, f, 1.0000001192092896f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));  // p * 2^j
 }
 
 struct Tiles {
@@ -186,13 +205,13 @@ __device__ __forceinline__ void issue_tile(Tiles& s, const Walk& w, int k, int s
   }
 }
 
-// Step 2: the part of a token that does not depend on the state, for the tokens r = lane,
-// lane + SPLIT, ... of the tile and this lane's channel c.
+// Step 2: the part of a token that does not depend on the state, for channel c and the tokens
+// r0, r0 + SPLIT, ... of the tile (see PREP_BY_ROW for which thread takes which).
 template <bool FINAL>
-__device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int lane, const float (&W)[R],
+__device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0, const float (&W)[R],
                                         float bias, float D) {
 #pragma unroll
-  for (int r = lane; r < TT; r += SPLIT) {
+  for (int r = r0; r < TT; r += SPLIT) {
     const float* xf = s.xf[r];
     float x0 = bias, x1 = 0.f, x2 = 0.f;  // three short FMA chains instead of one of length R
 #pragma unroll
@@ -237,7 +256,8 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
                                      const float (&A)[NPT], const float (&W)[R], float bias,
                                      float D, float& dt_sum) {
   const int n_tiles = (w.hi - w.lo + TT - 1) / TT;
-  const bool active = w.e0 + c < w.E;
+  const int pc = PREP_C, pr0 = PREP_R0;  // steps 2 and 4: channel pc, tokens pr0 + k SPLIT
+  const bool active = w.e0 + pc < w.E;
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
     if (k < n_tiles) issue_tile<FINAL>(s, w, k, k);
@@ -259,8 +279,8 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
           make_float4(lo_f32(v.x), hi_f32(v.x), lo_f32(v.y), hi_f32(v.y));
     }
     __syncthreads();
-    prepare<FINAL>(s, stage, c, lane, W, bias, D);
-    __syncwarp();  // a channel's SPLIT lanes share a warp
+    prepare<FINAL>(s, stage, pc, pr0, W, bias, D);
+    PREP_SYNC();
     const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
     const int r0 = w.rev ? TT - 1 : 0, dr = w.rev ? -1 : 1;
     const bool whole = t0 >= w.lo && t0 + TT <= w.hi;
@@ -274,34 +294,37 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
       }
     }
     if (FINAL) {  // step 4
-      __syncwarp();
+      PREP_SYNC();
 #pragma unroll
-      for (int r = lane; r < TT; r += SPLIT) {
+      for (int r = pr0; r < TT; r += SPLIT) {
         const int t = t0 + r;
         float y = 0.f;
 #pragma unroll
-        for (int j = 0; j < SPLIT; ++j) y += s.yp[r][c][j];
-        const float2 go = s.go[r][c];
-        if (active && t >= w.lo && t < w.hi) w.out[(i64)t * w.so_l + c] = from_f32(fmaf(go.x, y, go.y));
+        for (int j = 0; j < SPLIT; ++j) y += s.yp[r][pc][j];
+        const float2 go = s.go[r][pc];
+        if (active && t >= w.lo && t < w.hi) w.out[(i64)t * w.so_l + pc] = from_f32(fmaf(go.x, y, go.y));
       }
     }
   }
   cp_async_wait<0>();
 }
 
+// A: this lane's states of the walk's channel e; W, bias, D: channel e0 + PREP_C, which this
+// thread prepares (channels past E read channel 0 and store nothing).
 __device__ __forceinline__ void load_direction(
-    int dir, int e, int lane, bool active, const float* W_f, const float* bias_f, const float* A_f,
-    const float* D_f, const float* W_b, const float* bias_b, const float* A_b, const float* D_b,
-    float (&A)[NPT], float (&W)[R], float& bias, float& D) {
+    int dir, int e, int lane, bool active, int e0, int E, const float* W_f, const float* bias_f,
+    const float* A_f, const float* D_f, const float* W_b, const float* bias_b, const float* A_b,
+    const float* D_b, float (&A)[NPT], float (&W)[R], float& bias, float& D) {
   const float* Wp = dir ? W_b : W_f;
   const float* Ap = dir ? A_b : A_f;
   const int ec = active ? e : 0;
+  const int ep = e0 + (int)PREP_C < E ? e0 + (int)PREP_C : 0;
 #pragma unroll
   for (int j = 0; j < NPT; ++j) A[j] = Ap[ec * NS + lane * NPT + j];
 #pragma unroll
-  for (int j = 0; j < R; ++j) W[j] = Wp[ec * R + j];
-  bias = (dir ? bias_b : bias_f)[ec];
-  D = (dir ? D_b : D_f)[ec];
+  for (int j = 0; j < R; ++j) W[j] = Wp[ep * R + j];
+  bias = (dir ? bias_b : bias_f)[ep];
+  D = (dir ? D_b : D_f)[ep];
 }
 
 #define SCAN_ARGS                                                                            \
@@ -341,7 +364,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) vim_scan_summary(SC
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
   float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
-  load_direction(dir, e0 + c, lane, active, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b, A, W,
+  load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b, A, W,
                  bias, D);
 #pragma unroll
   for (int j = 0; j < NPT; ++j) h[j] = 0.f;
@@ -365,7 +388,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) vim_scan_final(SCAN
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
   float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
-  load_direction(dir, e0 + c, lane, active, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b, A, W,
+  load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b, A, W,
                  bias, D);
 #pragma unroll
   for (int j = 0; j < NPT; ++j) h[j] = 0.f;

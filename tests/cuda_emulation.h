@@ -1,0 +1,85 @@
+// Runs the C++ of a CUDA kernel on the CPU: one std::thread per CUDA thread, blocks one after
+// another, __syncthreads / __syncwarp as std::barrier. For tests of a kernel's logic (indexing,
+// tiling, chunking, barriers between its steps) where no GPU is, like TRITON_INTERPRET for
+// Triton; it says nothing about speed, and it cannot see what only the hardware does (memory
+// ordering, bank conflicts). The kernel source guards its PTX helpers with VIM_SCAN_EMULATE;
+// their C++ versions are here.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define VIM_SCAN_EMULATE 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static  // one block runs at a time: its threads share the kernel's statics
+#define __align__(n) __attribute__((aligned(n)))
+
+struct uint3_ { unsigned x, y, z; };
+inline thread_local uint3_ threadIdx, blockIdx;
+inline std::barrier<>* block_barrier;
+inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+inline void __syncwarp() { warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+struct uint2 { unsigned x, y; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+template <class To, class From> inline To bits(From v) { To t; std::memcpy(&t, &v, sizeof t); return t; }
+inline float __uint_as_float(unsigned v) { return bits<float>(v); }
+inline float __int_as_float(int v) { return bits<float>(v); }
+inline int __float_as_int(float v) { return bits<int>(v); }
+inline unsigned __float_as_uint(float v) { return bits<unsigned>(v); }
+using std::fmaf;
+using std::fmaxf;
+using std::min;
+
+typedef unsigned short u16;
+inline float to_f32(u16 v) {
+#if FP16
+  return (float)bits<_Float16>(v);
+#else
+  return __uint_as_float(((unsigned)v) << 16);
+#endif
+}
+inline u16 from_f32(float f) {  // round to nearest even, like cvt.rn
+#if FP16
+  return bits<u16>((_Float16)f);
+#else
+  const unsigned u = __float_as_uint(f);
+  return (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+}
+inline float ex2(float x) { return std::exp2(x); }
+inline float lg2(float x) { return std::log2(x); }
+inline float rcp(float x) { return 1.f / x; }
+template <int BYTES> inline void cp_async(void* dst, const void* src, bool valid) {
+  if (valid) std::memcpy(dst, src, BYTES); else std::memset(dst, 0, BYTES);
+}
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {}
+
+// Runs kernel(args...) on a grid of blocks of `threads` threads.
+template <class Kernel, class... Args>
+void emulate(Kernel kernel, unsigned gx, unsigned gy, unsigned gz, unsigned threads, Args... args) {
+  for (unsigned z = 0; z < gz; ++z)
+    for (unsigned y = 0; y < gy; ++y)
+      for (unsigned x = 0; x < gx; ++x) {
+        std::barrier<> block(threads);
+        block_barrier = &block;
+        warp_barriers.clear();
+        for (unsigned w = 0; w < (threads + 31) / 32; ++w)
+          warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+        std::vector<std::thread> pool;
+        for (unsigned t = 0; t < threads; ++t)
+          pool.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {x, y, z}; kernel(args...); });
+        for (auto& th : pool) th.join();
+      }
+}

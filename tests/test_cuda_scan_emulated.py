@@ -1,0 +1,109 @@
+"""The CUDA C++ inference scan's logic on the CPU (tests/cuda_emulation.h: a std::thread per
+CUDA thread, barriers as std::barrier), against the PyTorch twin: tiling, the lane split,
+partial tiles and channel blocks, both directions, chunk summaries and their combination, the
+gate and the side-by-side output. Speed and what only the hardware does are the GPU check's
+(benchmarks/gpu_infer_scan.py)."""
+import ctypes
+import dataclasses
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from vim_mm.ops import cuda_scan
+from vim_mm.ops.cuda_scan import DEFAULT_CONFIG, launch_plan, source_defines
+from vim_mm.ops.triton_scan import bidirectional_selective_scan_reference
+
+HERE = Path(__file__).parent
+DRIVER = r'''
+#define SCAN_NAMES u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b, sz_l, W_f, bias_f, A_f, \
+    D_f, W_b, bias_b, A_b, D_b, out, so_b, so_l, hsum, ssum, batch, L, E, n_chunks, chunk_l
+extern "C" void run(int summary, unsigned gx, unsigned gy, unsigned gz, unsigned threads,
+                    SCAN_ARGS) {
+  emulate(summary ? vim_scan_summary : vim_scan_final, gx, gy, gz, threads, SCAN_NAMES);
+}
+'''
+
+
+def build(tmp_path, d_state, dt_rank, dtype, cfg):
+    """The kernels (both; NPOLY as in the final one) compiled for the CPU emulation."""
+    if shutil.which('g++') is None:
+        pytest.skip('needs g++')
+    source = tmp_path / 'scan_emulated.cpp'
+    source.write_text(source_defines(d_state, dt_rank, dtype, cfg, 'vim_scan_final')
+                      + '#include "cuda_emulation.h"\n' + cuda_scan.SOURCE.read_text() + DRIVER)
+    lib = tmp_path / 'scan_emulated.so'
+    subprocess.run(['g++', '-O1', '-std=c++20', '-pthread', '-shared', '-fPIC',
+                    '-Wno-unknown-pragmas', f'-I{HERE}', str(source), '-o', str(lib)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    return ctypes.CDLL(str(lib))
+
+
+def inputs(batch, L, E, N, R, dtype, seed):
+    """Vim-like inputs as the mixer has them: token-major, z a slice of in_proj's output."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, L, 2 * E, generator=g).to(dtype)[..., E:]
+    us, xs, dirs = [], [], []
+    for _ in range(2):
+        us.append(torch.nn.functional.silu(torch.randn(batch, L, E, generator=g)).to(dtype))
+        xs.append(torch.randn(batch, L, R + 2 * N, generator=g).to(dtype))  # [dt | B | C]
+        dt = torch.exp(torch.rand(E, generator=g) * (math.log(0.1) - math.log(1e-3))
+                       + math.log(1e-3))
+        A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
+        dirs.append(dict(dt_proj_w=(torch.rand(E, R, generator=g) * 2 - 1) * R ** -0.5,
+                         dt_bias=dt + torch.log(-torch.expm1(-dt)),
+                         A=A * (0.5 + torch.rand(E, N, generator=g)), D=torch.randn(E, generator=g)))
+    return us, xs, z, dirs
+
+
+def reference(us, xs, z, dirs):
+    args = []
+    for u, x, p in zip(us, xs, dirs):
+        R, N = p['dt_proj_w'].shape[1], p['A'].shape[1]
+        x = x.float()
+        args += [u.float().transpose(1, 2), (x[..., :R] @ p['dt_proj_w'].t()).transpose(1, 2),
+                 p['A'], x[..., R:R + N].transpose(1, 2), x[..., R + N:].transpose(1, 2),
+                 p['D'], p['dt_bias']]
+    return bidirectional_selective_scan_reference(*args, z.float().transpose(1, 2)).transpose(1, 2)
+
+
+def emulated(lib, us, xs, z, dirs, cfg):
+    cfg, out, args, launches = launch_plan(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1], cfg,
+                                           sm_count=132)
+    out.fill_(float('nan'))  # every element must be written
+    c_args = [ctypes.c_void_p(a.data_ptr()) if torch.is_tensor(a) else ctypes.c_int(a)
+              for a in args]
+    for name, grid, block in launches:
+        lib.run(int(name == 'vim_scan_summary'), *grid, block[0], *c_args)
+    return out, len(launches)
+
+
+CASES = [  # (batch, L, E, N, R), dtype, config changes, chunks
+    ((2, 77, 128, 16, 12), torch.bfloat16, {}, 1),
+    ((2, 77, 128, 16, 12), torch.bfloat16, {}, 3),  # chunked: summaries + their combination
+    ((3, 45, 136, 16, 12), torch.bfloat16, {}, 2),  # a partly used channel block, partial tiles
+    ((1, 40, 64, 8, 4), torch.float16, {}, 2),  # the demo model's widths, fp16
+    ((2, 70, 64, 16, 12), torch.bfloat16, dict(channels=32, tile_l=32, split=2), 2),
+    # steps 2 and 4 by tile row (prep_by_row): the same cases that stress them
+    ((2, 77, 128, 16, 12), torch.bfloat16, dict(prep_by_row=True), 3),
+    ((3, 45, 136, 16, 12), torch.bfloat16, dict(prep_by_row=True), 1),
+    ((1, 40, 64, 8, 4), torch.float16, dict(prep_by_row=True, channels=32, tile_l=32), 2),
+]
+
+
+@pytest.mark.parametrize('shape, dtype, options, chunks', CASES)
+def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, shape, dtype, options, chunks):
+    batch, L, E, N, R = shape
+    cfg = dataclasses.replace(DEFAULT_CONFIG, n_chunks=chunks, **options)
+    lib = build(tmp_path, N, R, dtype, cuda_scan.fitted(cfg, N, R))
+    us, xs, z, dirs = inputs(batch, L, E, N, R, dtype, seed=sum(shape) + chunks)
+    out, n_launches = emulated(lib, us, xs, z, dirs, cfg)
+    assert n_launches == (2 if chunks > 1 else 1)
+    assert torch.isfinite(out).all()
+    got = out[..., :E].float() + out[..., E:].float()
+    want = reference(us, xs, z, dirs)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), err
