@@ -318,7 +318,11 @@ __device__ __forceinline__ void load_direction(
   const float* Wp = dir ? W_b : W_f;
   const float* Ap = dir ? A_b : A_f;
   const int ec = active ? e : 0;
+#if PREP_BY_ROW
   const int ep = e0 + (int)PREP_C < E ? e0 + (int)PREP_C : 0;
+#else
+  const int ep = ec;  // PREP_C is the walk's channel
+#endif
 #pragma unroll
   for (int j = 0; j < NPT; ++j) A[j] = Ap[ec * NS + lane * NPT + j];
 #pragma unroll
