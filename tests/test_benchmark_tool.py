@@ -55,4 +55,5 @@ def test_cscan_needs_the_triton_path_and_rows_record_its_failure(tmp_path):
         '--warmup', '0', '--repeats', '1', '--out', out)
     with open(out) as f:
         row, = json.load(f)['results']
-    assert row['result'] == 'error' and 'triton' in row['error']
+    # refused by the triton path (no CUDA) or, under TRITON_INTERPRET, by the C++ scan's check
+    assert row['result'] == 'error' and 'triton' in row['error'].lower()
