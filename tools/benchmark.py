@@ -9,8 +9,8 @@ backbone's activation checkpointing (with_cp); a ``+graph`` suffix, e.g.
 ``vim-t@triton+graph``, turns on the backbone's ``cuda_graph`` option, what tools/test.py and
 tools/train.py users get (forward graphs for --mode infer, forward + backward graphs for train),
 while ``--cuda-graph`` records the whole timed inference step; ``+cscan`` runs the row with
-VIM_MM_INFER_SCAN=cuda, the opt-in CUDA C++ inference scan of the triton path), deit-t / deit-s (mmpretrain
-VisionTransformer, fused SDPA attention) and deit-t-plain / deit-s-plain (the same with plain
+VIM_MM_INFER_SCAN=cuda, the opt-in CUDA C++ inference scan of the triton path), deit-t /
+deit-s (mmpretrain VisionTransformer, fused SDPA attention) and deit-t-plain / deit-s-plain (the same with plain
 matmul-softmax attention, as in the paper's comparison). ``--neck`` adds the SimpleFPN neck.
 Timing: warm-up, then CUDA events around each step (host clock on CPU), median of repeats;
 an out-of-memory is recorded as "OOM". Writes JSON (and a PNG plot with --plot).

@@ -16,12 +16,14 @@ What it measures (H200, benchmarks/README.md "Seventh session"): correct everywh
 at 32 x 1025 tokens (512 px, batch 32); at 4097 tokens and more the session's timings were not
 like for like (ncu kernel time 745-974 us at 16 x 4097 against 939 us of do_bench for the
 Triton op), and ncu shows its shared memory at 84-90% of its throughput with a third of the
-wavefronts bank conflicts (``prep_by_row`` is the fix that points at, untimed). So it is
-opt-in until both are timed alike. Its logic is tested on the CPU by compiling the same source
-as C++ with a thread per CUDA thread (tests/cuda_emulation.h). Forward only, 16-bit token-major activations: what the mixer has
-under ``torch.no_grad()`` with autocast. Compiled by NVRTC at first use
-(``torch.cuda._compile_kernel``: no toolchain needed); checked against the PyTorch path on the
-GPU by ``benchmarks/gpu_infer_scan.py``.
+wavefronts bank conflicts (``prep_by_row`` is the change that points at; untimed). So it is
+opt-in until both are timed alike.
+
+Forward only, 16-bit token-major activations: what the mixer has under ``torch.no_grad()``
+with autocast. Compiled by NVRTC at first use (``torch.cuda._compile_kernel``: no toolchain
+needed); checked against the PyTorch path on the GPU by ``benchmarks/gpu_infer_scan.py``, and
+its logic on the CPU by compiling the same source as C++ with a thread per CUDA thread
+(tests/cuda_emulation.h, tests/test_cuda_scan_emulated.py).
 """
 from __future__ import annotations
 

@@ -267,7 +267,8 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     const int stage = k % STAGES;
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile k is in; every thread is done with tile k - 1
-    if (k + STAGES - 1 < n_tiles) issue_tile<FINAL>(s, w, k + STAGES - 1, (k + STAGES - 1) % STAGES);
+    if (k + STAGES - 1 < n_tiles)
+      issue_tile<FINAL>(s, w, k + STAGES - 1, (k + STAGES - 1) % STAGES);
     cp_async_commit();
     // [dt|B|C] -> fp32 [B|C|dt], four values at a time (NS and R are multiples of 4)
     constexpr int Q = (2 * NS + R) / 4;
@@ -302,7 +303,8 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
 #pragma unroll
         for (int j = 0; j < SPLIT; ++j) y += s.yp[r][pc][j];
         const float2 go = s.go[r][pc];
-        if (active && t >= w.lo && t < w.hi) w.out[(i64)t * w.so_l + pc] = from_f32(fmaf(go.x, y, go.y));
+        if (active && t >= w.lo && t < w.hi)
+          w.out[(i64)t * w.so_l + pc] = from_f32(fmaf(go.x, y, go.y));
       }
     }
   }
@@ -368,8 +370,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) vim_scan_summary(SC
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
   float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
-  load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b, A, W,
-                 bias, D);
+  load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
+                 A, W, bias, D);
 #pragma unroll
   for (int j = 0; j < NPT; ++j) h[j] = 0.f;
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
@@ -392,8 +394,8 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) vim_scan_final(SCAN
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
   float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
-  load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b, A, W,
-                 bias, D);
+  load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
+                 A, W, bias, D);
 #pragma unroll
   for (int j = 0; j < NPT; ++j) h[j] = 0.f;
   const int n_before = dir ? n_chunks - 1 - chunk : chunk;
