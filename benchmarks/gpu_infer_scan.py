@@ -1,6 +1,6 @@
 """Check and time the CUDA C++ inference scan (vim_mm/ops/cuda_scan.py) on a GPU.
 
-(a) correctness against the PyTorch twin in fp32 (``bidirectional_selective_scan_reference``
+(a) correctness against the PyTorch twin in fp32 (``bidirectional_scan_infer_reference``
     with dt_proj applied in fp32), bf16 and fp16 inputs, Vim-Ti/S/demo widths, short, long and
     odd lengths, batch 1 to 128, one pass and forced chunkings; the output is poisoned with NaN
     first, so an unwritten element fails; error = max |ours - ref| / max |ref| (tolerance 1e-2);
@@ -34,10 +34,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, InferScanConfig,  # noqa: E402
-                                  bidirectional_scan_infer, chunk_count, fitted)
+                                  bidirectional_scan_infer, bidirectional_scan_infer_reference,
+                                  chunk_count, fitted)
 from vim_mm.models.cuda_graph import capture_cuda_graph  # noqa: E402
-from vim_mm.ops.triton_scan import (bidirectional_selective_scan,  # noqa: E402
-                                    bidirectional_selective_scan_reference)
+from vim_mm.ops.triton_scan import bidirectional_selective_scan  # noqa: E402
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -85,14 +85,7 @@ def make_inputs(batch, L, E, N, R, dtype, seed=0):
 
 def reference(us, xs, z, dirs):
     """(batch, L, E) fp32: the merged, gated output of both directions."""
-    args = []
-    for u, x, p in zip(us, xs, dirs):
-        R, N = p['dt_proj_w'].shape[1], p['A'].shape[1]
-        x = x.float()
-        delta = x[..., :R] @ p['dt_proj_w'].t()
-        args += [u.float().transpose(1, 2), delta.transpose(1, 2), p['A'],
-                 x[..., R:R + N].transpose(1, 2), x[..., R + N:].transpose(1, 2), p['D'], p['dt_bias']]
-    return bidirectional_selective_scan_reference(*args, z.float().transpose(1, 2)).transpose(1, 2)
+    return bidirectional_scan_infer_reference(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1])
 
 
 def ours(us, xs, z, dirs, cfg=DEFAULT_CONFIG, poison=False):

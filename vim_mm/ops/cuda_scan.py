@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 __all__ = ['InferScanConfig', 'infer_scan_choice', 'cuda_scan_applies', 'layout_problem',
-           'chunk_count', 'fitted', 'shared_bytes', 'launch_plan', 'bidirectional_scan_infer']
+           'chunk_count', 'fitted', 'shared_bytes', 'launch_plan', 'bidirectional_scan_infer',
+           'bidirectional_scan_infer_reference']
 
 SOURCE = Path(__file__).with_name('csrc') / 'bimamba_scan_fwd.cu'
 ENV_VAR = 'VIM_MM_INFER_SCAN'
@@ -225,3 +226,18 @@ def bidirectional_scan_infer(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict,
     for name, grid, block in launches:
         kernels[name](grid=grid, block=block, args=args)
     return out
+
+
+def bidirectional_scan_infer_reference(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict):
+    """PyTorch twin of :func:`bidirectional_scan_infer` (same arguments), fp32, any device:
+    the two halves already summed, (batch, L, E)."""
+    from .triton_scan import bidirectional_selective_scan_reference
+    args = []
+    for u, x, p in ((u_f, x_f, fwd), (u_b, x_b, bwd)):
+        R, N = p['dt_proj_w'].shape[1], p['A'].shape[1]
+        x = x.float()
+        delta = x[..., :R] @ p['dt_proj_w'].float().t()
+        args += [u.float().transpose(1, 2), delta.transpose(1, 2), p['A'],
+                 x[..., R:R + N].transpose(1, 2), x[..., R + N:].transpose(1, 2), p['D'],
+                 p['dt_bias']]
+    return bidirectional_selective_scan_reference(*args, z.float().transpose(1, 2)).transpose(1, 2)
