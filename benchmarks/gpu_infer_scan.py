@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, InferScanConfig,  # noqa: E402
                                   bidirectional_scan_infer, bidirectional_scan_infer_reference,
-                                  chunk_count, fitted)
+                                  launch_plan)
 from vim_mm.models.cuda_graph import capture_cuda_graph  # noqa: E402
 from vim_mm.ops.triton_scan import bidirectional_selective_scan  # noqa: E402
 
@@ -108,8 +108,8 @@ def check(shape, dtype, cfg=DEFAULT_CONFIG, seed=0):
     out = ours(us, xs, z, dirs, cfg, poison=True)
     y = merged(out)
     err = ((y - ref).abs().max() / ref.abs().max()).item()
-    n_chunks = chunk_count(batch, E, L, torch.cuda.get_device_properties(0)
-                           .multi_processor_count, fitted(cfg, N, R))
+    n_chunks = launch_plan(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1], cfg,  # as launched
+                           torch.cuda.get_device_properties(0).multi_processor_count)[2][-2]
     return dict(shape=list(shape), dtype=str(dtype).split('.')[-1], n_chunks=n_chunks,
                 rel_err=err, finite=bool(torch.isfinite(out).all()),
                 ok=bool(torch.isfinite(out).all()) and err < 1e-2)

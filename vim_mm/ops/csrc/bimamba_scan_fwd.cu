@@ -312,11 +312,11 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
 }
 
 // A: this lane's states of the walk's channel e; W, bias, D: channel e0 + PREP_C, which this
-// thread prepares (channels past E read channel 0 and store nothing).
+// thread prepares (channels past E read channel 0 and store nothing); h: the zero state.
 __device__ __forceinline__ void load_direction(
     int dir, int e, int lane, bool active, int e0, int E, const float* W_f, const float* bias_f,
     const float* A_f, const float* D_f, const float* W_b, const float* bias_b, const float* A_b,
-    const float* D_b, float (&A)[NPT], float (&W)[R], float& bias, float& D) {
+    const float* D_b, float (&A)[NPT], float (&W)[R], float& bias, float& D, float (&h)[NPT]) {
   const float* Wp = dir ? W_b : W_f;
   const float* Ap = dir ? A_b : A_f;
   const int ec = active ? e : 0;
@@ -331,6 +331,8 @@ __device__ __forceinline__ void load_direction(
   for (int j = 0; j < R; ++j) W[j] = Wp[ep * R + j];
   bias = (dir ? bias_b : bias_f)[ep];
   D = (dir ? D_b : D_f)[ep];
+#pragma unroll
+  for (int j = 0; j < NPT; ++j) h[j] = 0.f;
 }
 
 #define SCAN_ARGS                                                                            \
@@ -371,9 +373,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) vim_scan_summary(SC
   const bool active = e0 + c < E;
   float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
-                 A, W, bias, D);
-#pragma unroll
-  for (int j = 0; j < NPT; ++j) h[j] = 0.f;
+                 A, W, bias, D, h);
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
                            sz_l, out, so_b, so_l, L, E, chunk_l);
   walk<false>(s, w, c, lane, h, A, W, bias, D, dt_sum);
@@ -395,9 +395,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) vim_scan_final(SCAN
   const bool active = e0 + c < E;
   float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
-                 A, W, bias, D);
-#pragma unroll
-  for (int j = 0; j < NPT; ++j) h[j] = 0.f;
+                 A, W, bias, D, h);
   const int n_before = dir ? n_chunks - 1 - chunk : chunk;
   for (int i = 0; i < n_before; ++i) {  // chunks before this one, in walk order
     const int p = dir ? n_chunks - 1 - i : i;
