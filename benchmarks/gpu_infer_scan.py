@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, InferScanConfig,  # noqa: E402
-                                  bidirectional_scan_infer, bidirectional_scan_infer_reference,
-                                  launch_plan)
+from vim_mm.ops.cuda_scan import (PRESETS, InferScanConfig, auto_config,  # noqa: E402
+                                  bidirectional_scan_infer,
+                                  bidirectional_scan_infer_reference, fitted, launch_plan)
 from vim_mm.models.cuda_graph import capture_cuda_graph  # noqa: E402
 from vim_mm.ops.triton_scan import bidirectional_selective_scan  # noqa: E402
 
@@ -48,16 +48,21 @@ except Exception:  # optional
 # Vim-S and the demo model's widths
 CHECKS = [(128, 197, 384, 16, 12), (32, 1025, 384, 16, 12), (16, 4097, 384, 16, 12),
           (16, 6085, 384, 16, 12), (4, 16385, 384, 16, 12), (1, 1000, 384, 16, 12),
-          (3, 77, 384, 16, 12), (2, 333, 768, 16, 24), (5, 130, 128, 8, 4), (1, 5, 384, 16, 12)]
+          (3, 77, 384, 16, 12), (2, 333, 768, 16, 24), (5, 130, 128, 8, 4), (1, 5, 384, 16, 12),
+          (1, 4097, 384, 16, 12), (1, 16385, 384, 16, 12)]
 FORCED = [((4, 16385, 384, 16, 12), 7), ((16, 4097, 384, 16, 12), 3), ((2, 333, 768, 16, 24), 4),
           ((1, 1000, 384, 16, 12), 1), ((3, 77, 384, 16, 12), 2)]
-TIMED = [(128, 197), (32, 1025), (16, 4097), (16, 6085), (4, 16385)]
+TIMED = [(128, 197), (32, 1025), (16, 4097), (16, 6085), (4, 16385), (8, 4097), (2, 4097),
+         (1, 4097), (1, 16385)]
+FEW = dataclasses.asdict(PRESETS['few_blocks'].config)
+MANY = dataclasses.asdict(PRESETS['many_blocks'].config)
 # options checked too (the default config runs every case above)
-OPTION_CHECKS = [((16, 4097, 384, 16, 12), dict(prep_by_row=True)),
-                 ((4, 16385, 384, 16, 12), dict(prep_by_row=True, n_chunks=11)),
-                 ((3, 77, 384, 16, 12), dict(prep_by_row=True, channels=32, tile_l=32)),
-                 ((16, 4097, 384, 16, 12), dict(channels=32, tile_l=32)),
-                 ((32, 1025, 384, 16, 12), dict(split=2))]
+# (the default, auto_config's preset per shape, runs every case above; here the other preset too)
+OPTION_CHECKS = [((16, 4097, 384, 16, 12), MANY), ((128, 197, 384, 16, 12), FEW),
+                 ((4, 16385, 384, 16, 12), dict(FEW, n_chunks=11)),
+                 ((3, 77, 384, 16, 12), dict(FEW, stages=3)),
+                 ((1, 4097, 384, 16, 12), dict(FEW, n_chunks=16)),
+                 ((2, 333, 768, 16, 24), dict(MANY, n_chunks=3))]
 
 
 def make_inputs(batch, L, E, N, R, dtype, seed=0):
@@ -88,7 +93,7 @@ def reference(us, xs, z, dirs):
     return bidirectional_scan_infer_reference(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1])
 
 
-def ours(us, xs, z, dirs, cfg=DEFAULT_CONFIG, poison=False):
+def ours(us, xs, z, dirs, cfg=None, poison=False):
     if poison:  # the kernel allocates its output; poison the allocator's next block instead
         torch.empty(us[0].shape[0], us[0].shape[1], 2 * us[0].shape[2], dtype=us[0].dtype,
                     device='cuda').fill_(float('nan'))
@@ -101,18 +106,24 @@ def merged(out):
     return out[..., :E].float() + out[..., E:].float()
 
 
-def check(shape, dtype, cfg=DEFAULT_CONFIG, seed=0):
+def check(shape, dtype, cfg=None, seed=0):
     batch, L, E, N, R = shape
     us, xs, z, dirs = make_inputs(batch, L, E, N, R, dtype, seed)
     ref = reference(us, xs, z, dirs)
     out = ours(us, xs, z, dirs, cfg, poison=True)
     y = merged(out)
     err = ((y - ref).abs().max() / ref.abs().max()).item()
-    n_chunks = launch_plan(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1], cfg,  # as launched
-                           torch.cuda.get_device_properties(0).multi_processor_count)[2][-2]
-    return dict(shape=list(shape), dtype=str(dtype).split('.')[-1], n_chunks=n_chunks,
+    plan = launch_plan(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1], cfg,  # as launched
+                       torch.cuda.get_device_properties(0).multi_processor_count)
+    return dict(shape=list(shape), dtype=str(dtype).split('.')[-1], n_chunks=plan[2][-2],
+                launched=launched(plan[0]),
                 rel_err=err, finite=bool(torch.isfinite(out).all()),
                 ok=bool(torch.isfinite(out).all()) and err < 1e-2)
+
+
+def launched(cfg):
+    """The fields of a fitted config that shape the launch."""
+    return {k: getattr(cfg, k) for k in ('channels', 'split', 'tile_l', 'stages', 'prep_by_row')}
 
 
 def triton_args(us, xs, z, dirs):
@@ -126,11 +137,14 @@ def triton_args(us, xs, z, dirs):
     return args + [z.transpose(1, 2)]
 
 
-def timings(batch, L, E=384, N=16, R=12, dtype=torch.bfloat16, cfg=DEFAULT_CONFIG,
+def timings(batch, L, E=384, N=16, R=12, dtype=torch.bfloat16, cfg=None,
             only_ours=False):
     from triton.testing import do_bench
     us, xs, z, dirs = make_inputs(batch, L, E, N, R, dtype)
     row = dict(batch=batch, L=L)
+    if cfg is None:  # the plan auto_config makes for this shape
+        plan = auto_config(batch, E, L, torch.cuda.get_device_properties(0).multi_processor_count)
+        row['plan'] = dict(launched(fitted(plan, N, R)), n_chunks=plan.n_chunks)
 
     def triton_path():
         bidirectional_selective_scan(*triton_args(us, xs, z, dirs))
@@ -205,7 +219,8 @@ def main():
         return
     torch.backends.cuda.matmul.allow_tf32 = False
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  python=platform.python_version(), config=dataclasses.asdict(DEFAULT_CONFIG),
+                  python=platform.python_version(),
+                  presets={k: dataclasses.asdict(v) for k, v in PRESETS.items()},
                   command=' '.join(sys.argv))
     if not args.no_check:
         rows = []
@@ -230,21 +245,19 @@ def main():
         print(json.dumps(result['timings'][-1]), flush=True)
     if args.sweep:
         sweep = []
-        options = [dict(), dict(channels=32), dict(split=2), dict(split=2, channels=32),
-                   dict(poly_final=1), dict(min_blocks=2), dict(tile_l=32),
-                   dict(prep_by_row=True), dict(prep_by_row=True, channels=32, tile_l=32),
-                   dict(prep_by_row=True, split=2)]
-        for batch, L in ((16, 4097), (16, 6085), (128, 197), (32, 1025)):
-            for opt in options + [dict(n_chunks=2), dict(n_chunks=3)]:
-                row = timings(batch, L, cfg=InferScanConfig(**opt), only_ours=True)
-                sweep.append(dict(option=opt, batch=batch, L=L, ms=row['cuda_cpp_ms']))
-                print(json.dumps(sweep[-1]), flush=True)
-        for n in (2, 3, 5, 8, 11, 16):
-            for opt in (dict(n_chunks=n), dict(n_chunks=n, channels=32),
-                        dict(n_chunks=n, poly_summary=1), dict(n_chunks=n, prep_by_row=True)):
-                row = timings(4, 16385, cfg=InferScanConfig(**opt), only_ours=True)
-                sweep.append(dict(option=opt, batch=4, L=16385, ms=row['cuda_cpp_ms']))
-                print(json.dumps(sweep[-1]), flush=True)
+        # around auto_config's plans (the model's fitted range and past it)
+        grid = {(1, 4097): dict(many=(8, 16, 24, 33), few=(4, 8, 12, 16, 22)),
+                (2, 4097): dict(many=(4, 8, 16, 22), few=(2, 4, 8, 11)),
+                (8, 4097): dict(many=(2, 4, 6), few=(1, 2, 3)),
+                (1, 16385): dict(many=(16, 24, 33, 48), few=(8, 11, 16, 22)),
+                (4, 16385): dict(many=(8, 11, 16), few=(4, 8))}
+        for (batch, L), plans in grid.items():
+            for name, counts in plans.items():
+                for n in counts:
+                    opt = dict(MANY if name == 'many' else FEW, n_chunks=n)
+                    row = timings(batch, L, cfg=InferScanConfig(**opt), only_ours=True)
+                    sweep.append(dict(option=opt, batch=batch, L=L, ms=row['cuda_cpp_ms']))
+                    print(json.dumps(sweep[-1]), flush=True)
         result['sweep'] = sweep
     if args.model:
         result['model'] = []

@@ -4,13 +4,16 @@ preset with the shared memory the wrapper budgets, and the chunking / fitting ru
 The kernel's numbers are checked on a GPU against the PyTorch twin by
 benchmarks/gpu_infer_scan.py (results in benchmarks/results/h200_infer_scan_v*.json)."""
 import dataclasses
+import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 
 from vim_mm.ops import cuda_scan
-from vim_mm.ops.cuda_scan import DEFAULT_CONFIG, SMEM_LIMIT, chunk_count, fitted, shared_bytes
+from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, SMEM_LIMIT, auto_config, chunk_count, fitted,
+                                  shared_bytes)
 
 PRESETS = {'tiny': (16, 12), 'small': (16, 24), 'base': (16, 48), 'demo': (8, 4)}
 RESERVED_SMEM = 1024
@@ -40,11 +43,13 @@ def elf_sections(blob: bytes) -> dict:
 
 @pytest.mark.parametrize('preset', sorted(PRESETS))
 @pytest.mark.parametrize('fp16', [0, 1])
-def test_kernels_compile_with_the_budgeted_shared_memory(preset, fp16):
+@pytest.mark.parametrize('plan', ['default', *sorted(cuda_scan.PRESETS)])
+def test_kernels_compile_with_the_budgeted_shared_memory(preset, fp16, plan):
     compile_ = _nvrtc()
     d_state, dt_rank = PRESETS[preset]
-    cfg = fitted(dataclasses.replace(DEFAULT_CONFIG, poly_final=1, prep_by_row=bool(fp16)),
-                 d_state, dt_rank)
+    base = (dataclasses.replace(DEFAULT_CONFIG, poly_final=1, prep_by_row=bool(fp16))
+            if plan == 'default' else cuda_scan.PRESETS[plan].config)
+    cfg = fitted(base, d_state, dt_rank)
     dtype = torch.float16 if fp16 else torch.bfloat16
     source = (cuda_scan.source_defines(d_state, dt_rank, dtype, cfg, 'vim_scan_final')
               + cuda_scan.SOURCE.read_text())
@@ -87,8 +92,68 @@ def test_chunk_count_chunks_only_when_the_batch_leaves_sms_idle():
     assert chunk_count(16, 384, 4097, sms, dataclasses.replace(DEFAULT_CONFIG, n_chunks=3)) == 3
 
 
+RESULTS = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
+SWEEPS = ['h200_infer_scan_v5.json', 'h200_infer_scan_v6.json']  # gpu_infer_scan.py --sweep
+
+
+def measured_plans():
+    """{(batch, L): {(preset, n_chunks): ms}} of the presets in the committed H200 sweeps."""
+    by_shape = {}
+    for name in SWEEPS:
+        for row in json.loads((RESULTS / name).read_text())['sweep']:
+            for preset, p in cuda_scan.PRESETS.items():
+                fields = dataclasses.asdict(p.config)
+                if all(row['option'].get(k) == v for k, v in fields.items() if k != 'n_chunks'):
+                    n = row['option'].get('n_chunks') or 1
+                    by_shape.setdefault((row['batch'], row['L']), {})[preset, n] = row['ms']
+    return by_shape
+
+
+def test_the_time_model_follows_the_h200_sweep():
+    """Preset.predicted_us against every timed preset plan of the sweeps (H200, 132 SMs): within
+    20% where auto_config may choose (one wave, SMs short of full), and it ranks plans alike."""
+    within = []
+    for (batch, L), plans in measured_plans().items():
+        for (preset, n), ms in plans.items():
+            p = cuda_scan.PRESETS[preset]
+            blocks = batch * -(-384 // p.config.channels) * 2 * n
+            if n == 1 or blocks <= (p.blocks_per_sm - 1) * 132:
+                within.append(abs(p.predicted_us(batch, 384, L, n, 132) / 1000 / ms - 1))
+    assert len(within) >= 40 and max(within) < 0.2, (len(within), max(within))
+
+
+def test_auto_config_picks_a_plan_near_the_fastest_measured():
+    """At every Vim-Ti shape of the sweeps, the plan auto_config makes was timed, and it is within
+    5% of the fastest preset plan timed there (224 px b128 to 2048 px b1)."""
+    by_shape = measured_plans()
+    shapes = [(128, 197), (32, 1025), (16, 4097), (16, 6085), (4, 16385), (8, 4097), (2, 4097),
+              (1, 4097), (1, 16385)]
+    for batch, L in shapes:
+        cfg = auto_config(batch, 384, L, 132)
+        preset = next(k for k, p in cuda_scan.PRESETS.items()
+                      if dataclasses.replace(p.config, n_chunks=cfg.n_chunks) == cfg)
+        plans = by_shape[batch, L]
+        assert plans[preset, cfg.n_chunks] <= 1.05 * min(plans.values()), (batch, L, cfg)
+
+
+def test_auto_config_chunks_only_short_batches_and_never_past_a_wave():
+    for batch, L in ((128, 197), (32, 1025), (16, 4097), (64, 1025)):
+        assert auto_config(batch, 384, L, 132).n_chunks == 1
+    for batch, L, E in ((1, 4097, 384), (4, 16385, 384), (1, 16385, 768), (2, 333, 768)):
+        cfg = auto_config(batch, E, L, 132)
+        p = next(p for p in cuda_scan.PRESETS.values() if p.config.channels == cfg.channels)
+        blocks = batch * -(-E // cfg.channels) * 2
+        assert cfg.n_chunks > 1 and blocks * cfg.n_chunks <= (p.blocks_per_sm - 1) * 132
+        assert L / cfg.n_chunks >= 4 * cfg.tile_l  # chunks of several tiles, not slivers
+    assert auto_config(1, 384, 5, 132).n_chunks == 1  # too short to cut
+    # fewer SMs: fewer chunks for the same problem
+    assert auto_config(1, 384, 4097, 66).n_chunks < auto_config(1, 384, 4097, 132).n_chunks
+
+
 def test_choice_is_read_from_the_environment(monkeypatch):
     monkeypatch.delenv('VIM_MM_INFER_SCAN', raising=False)
+    assert cuda_scan.infer_scan_choice() == 'auto'
+    monkeypatch.setenv('VIM_MM_INFER_SCAN', 'triton')
     assert cuda_scan.infer_scan_choice() == 'triton'
     monkeypatch.setenv('VIM_MM_INFER_SCAN', 'CUDA')
     assert cuda_scan.infer_scan_choice() == 'cuda'

@@ -42,14 +42,16 @@ def build(tmp_path, d_state, dt_rank, dtype, cfg):
     return ctypes.CDLL(str(lib))
 
 
-def inputs(batch, L, E, N, R, dtype, seed):
-    """Vim-like inputs as the mixer has them: token-major, z a slice of in_proj's output."""
+def inputs(batch, L, E, N, R, dtype, seed, x_pad=0):
+    """Vim-like inputs as the mixer has them: token-major, z a slice of in_proj's output, x_proj's
+    output a slice of rows padded by ``x_pad`` (the mixer pads them to 16 bytes)."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(batch, L, 2 * E, generator=g).to(dtype)[..., E:]
     us, xs, dirs = [], [], []
     for _ in range(2):
         us.append(torch.nn.functional.silu(torch.randn(batch, L, E, generator=g)).to(dtype))
-        xs.append(torch.randn(batch, L, R + 2 * N, generator=g).to(dtype))  # [dt | B | C]
+        x = torch.randn(batch, L, R + 2 * N + x_pad, generator=g).to(dtype)
+        xs.append(x[..., :R + 2 * N])  # [dt | B | C]
         dt = torch.exp(torch.rand(E, generator=g) * (math.log(0.1) - math.log(1e-3))
                        + math.log(1e-3))
         A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
@@ -80,15 +82,24 @@ CASES = [  # (batch, L, E, N, R), dtype, config changes, chunks
     ((2, 77, 128, 16, 12), torch.bfloat16, dict(prep_by_row=True), 3),
     ((3, 45, 136, 16, 12), torch.bfloat16, dict(prep_by_row=True), 1),
     ((1, 40, 64, 8, 4), torch.float16, dict(prep_by_row=True, channels=32, tile_l=32), 2),
+    # auto_config's two presets as launched (x_proj rows padded 44 -> 48, as in the mixer)
+    ((2, 77, 128, 16, 12), torch.bfloat16, 'many_blocks', 1),
+    ((2, 77, 128, 16, 12), torch.bfloat16, 'many_blocks', 3),
+    ((3, 101, 48, 16, 12), torch.bfloat16, 'few_blocks', 1),
+    ((1, 130, 32, 16, 12), torch.float16, 'few_blocks', 3),
 ]
 
 
 @pytest.mark.parametrize('shape, dtype, options, chunks', CASES)
 def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, shape, dtype, options, chunks):
     batch, L, E, N, R = shape
-    cfg = dataclasses.replace(DEFAULT_CONFIG, n_chunks=chunks, **options)
+    if isinstance(options, str):  # a preset: x_proj's rows padded as the mixer pads them
+        cfg, x_pad = cuda_scan.PRESETS[options].config, -(R + 2 * N) % 8
+    else:
+        cfg, x_pad = dataclasses.replace(DEFAULT_CONFIG, **options), 0
+    cfg = dataclasses.replace(cfg, n_chunks=chunks)
     lib = build(tmp_path, N, R, dtype, cuda_scan.fitted(cfg, N, R))
-    us, xs, z, dirs = inputs(batch, L, E, N, R, dtype, seed=sum(shape) + chunks)
+    us, xs, z, dirs = inputs(batch, L, E, N, R, dtype, seed=sum(shape) + chunks, x_pad=x_pad)
     out, n_launches = emulated(lib, us, xs, z, dirs, cfg)
     assert n_launches == (2 if chunks > 1 else 1)
     assert torch.isfinite(out).all()

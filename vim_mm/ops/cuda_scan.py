@@ -1,23 +1,21 @@
 """Inference scan of the Vim mixer in CUDA C++: both directions, dt_proj folded in, exps once.
 
-Opt-in (``VIM_MM_INFER_SCAN=cuda``); the default inference scan of the token-major mixer
-(``backend='triton'``) stays the Triton one. Why it exists: the Triton scan (triton_scan.py)
-walks a chunk of tokens per thread and, when the batch cannot fill the GPU (1024 px and up),
-chunks every sequence and so computes each exp twice, while the exps (one per token, channel,
-state and direction, 16 per clock per SM on the MUFU unit) bound the scan.
-``csrc/bimamba_scan_fwd.cu`` walks each sequence in one pass (chunking only when even the split
-below leaves the GPU empty, with chunk summaries combined per chunk instead of a carry pass),
-stages its inputs in shared memory by cp.async, splits a channel's states over ``split`` lanes
-so that one pass has enough warps, applies dt_proj (rank R) itself instead of a GEMM that
-writes (batch, L, E) twice per direction, and reads x_proj's output as it is.
+The default inference scan of the token-major mixer (``backend='triton'``) wherever it applies
+(``VIM_MM_INFER_SCAN``: 'auto' default, 'triton' for the Triton scan, 'cuda' to insist). Why it
+exists: the Triton scan (triton_scan.py) walks a chunk of tokens per thread and, when the batch
+cannot fill the GPU (1024 px and up), chunks every sequence and so computes each exp twice,
+while the exps (one per token, channel, state and direction, 16 per clock per SM on the MUFU
+unit) bound the scan. ``csrc/bimamba_scan_fwd.cu`` walks each sequence in one pass where the
+batch fills the GPU (chunks otherwise, with chunk summaries combined per chunk instead of a
+carry pass), stages its inputs in shared memory by cp.async, splits a channel's states over
+``split`` lanes, applies dt_proj (rank R) itself instead of a GEMM that writes (batch, L, E)
+twice per direction, and reads x_proj's output as it is. :func:`auto_config` picks one of two
+presets and the chunk count per shape from a time model fitted to an H200 sweep.
 
-What it measures (H200, benchmarks/README.md "Seventh session"): correct everywhere checked
-(bf16 within 3.6e-3, fp16 within 3.5e-4 of the fp32 PyTorch twin); faster than the Triton scan
-at 32 x 1025 tokens (512 px, batch 32); at 4097 tokens and more the session's timings were not
-like for like (ncu kernel time 745-974 us at 16 x 4097 against 939 us of do_bench for the
-Triton op), and ncu shows its shared memory at 84-90% of its throughput with a third of the
-wavefronts bank conflicts (``prep_by_row`` is the change that points at; untimed). So it is
-opt-in until both are timed alike.
+What it measures (H200, benchmarks/README.md "Eighth session", CUDA-graph replays): faster
+than the Triton scan (with its dt_proj GEMMs) at every Vim-Ti shape timed, 1.07x at 2048 px b4 and 1.09x at 224 px b128
+to 2.2x at 512 px b32 and 2.1x at 1024 px b1; correct everywhere checked (bf16 within 3.6e-3,
+fp16 within 3.5e-4 of the fp32 PyTorch twin).
 
 Forward only, 16-bit token-major activations: what the mixer has under ``torch.no_grad()``
 with autocast. Compiled by NVRTC at first use (``torch.cuda._compile_kernel``: no toolchain
@@ -36,12 +34,12 @@ from pathlib import Path
 import torch
 
 __all__ = ['InferScanConfig', 'infer_scan_choice', 'cuda_scan_applies', 'layout_problem',
-           'chunk_count', 'fitted', 'shared_bytes', 'launch_plan', 'bidirectional_scan_infer',
+           'Preset', 'PRESETS', 'auto_config', 'chunk_count', 'fitted', 'shared_bytes', 'launch_plan', 'bidirectional_scan_infer',
            'bidirectional_scan_infer_reference']
 
 SOURCE = Path(__file__).with_name('csrc') / 'bimamba_scan_fwd.cu'
 ENV_VAR = 'VIM_MM_INFER_SCAN'
-CHOICES = ('triton', 'cuda')
+CHOICES = ('auto', 'triton', 'cuda')
 
 
 @dataclass(frozen=True)
@@ -58,8 +56,8 @@ class InferScanConfig:
     poly_final: int = 0
     poly_summary: int = 0
     min_blocks: int = 1  # __launch_bounds__: blocks per SM the register budget must allow
-    # steps 2 and 4 by tile row (conflict-free) instead of by lane: the fix ncu points at,
-    # checked on the CPU only (tests/test_cuda_scan_emulated.py), not yet timed on a GPU
+    # steps 2 and 4 by tile row (conflict-free) instead of by lane: 15-30% faster on the H200
+    # (both presets use it; False keeps the kernel measured first)
     prep_by_row: bool = False
     # relative cost per token of a chunked walk (summary + output) vs one pass, for chunk_count
     chunked_cost: float = 1.8
@@ -70,8 +68,9 @@ DEFAULT_CONFIG = InferScanConfig()
 
 
 def infer_scan_choice() -> str:
-    """$VIM_MM_INFER_SCAN: 'triton' (default) or 'cuda' (this kernel, or an error)."""
-    choice = os.environ.get(ENV_VAR, 'triton').lower()
+    """$VIM_MM_INFER_SCAN: 'auto' (default: this kernel wherever it applies, else the Triton
+    scan), 'triton', or 'cuda' (this kernel, or an error)."""
+    choice = os.environ.get(ENV_VAR, 'auto').lower()
     if choice not in CHOICES:
         raise ValueError(f'{ENV_VAR}={choice!r}; choose one of {CHOICES}.')
     return choice
@@ -82,6 +81,10 @@ def cuda_scan_applies(u, z, d_state: int, dt_rank: int) -> str | None:
     fresh (batch, L, dt_rank + 2 N) tensor of their dtype), else why not."""
     if not (u.is_cuda and z.is_cuda):
         return 'needs CUDA tensors'
+    if not hasattr(torch.cuda, '_compile_kernel'):
+        return f'needs torch.cuda._compile_kernel (NVRTC), which torch {torch.__version__} lacks'
+    if torch.cuda.get_device_capability(u.device) < (8, 0):
+        return 'needs a GPU of compute capability 8.0 or newer (cp.async)'
     return layout_problem(u, z, d_state, dt_rank)
 
 
@@ -105,22 +108,84 @@ def _rows_aligned(t: torch.Tensor, vec: int) -> bool:
             and t.data_ptr() % (vec * t.element_size()) == 0)
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A config and the time model :func:`auto_config` plans with, fitted to the H200 sweep
+    (benchmarks/README.md, "Eighth session"): a walk costs, per token, ``block_us`` per block
+    sharing an SM (the SM is the bound) but at least ``latency_us`` (one walk's own speed);
+    ``blocks_per_sm`` blocks fit an SM at once (ptxas: 128 registers per thread)."""
+    config: InferScanConfig
+    blocks_per_sm: int
+    block_us: float
+    latency_us: float
+    chunked_factor: float = 1.66  # a chunked walk (summary + output) against one pass
+
+    def predicted_us(self, batch: int, E: int, L: int, n_chunks: int, sm_count: int) -> float:
+        """Modelled kernel time of this preset cutting each sequence into ``n_chunks``."""
+        tile = self.config.tile_l
+        chunk_l = -(-math.ceil(L / n_chunks) // tile) * tile
+        n_chunks = math.ceil(L / chunk_l)
+        blocks = batch * math.ceil(E / self.config.channels) * 2 * n_chunks
+        full, rest = divmod(math.ceil(blocks / sm_count), self.blocks_per_sm)
+        per_token = full * max(self.blocks_per_sm * self.block_us, self.latency_us)
+        if rest:
+            per_token += max(rest * self.block_us, self.latency_us)
+        return chunk_l * per_token * (self.chunked_factor if n_chunks > 1 else 1.0)
+
+
+# many_blocks: two lanes per channel (8 states per lane, fewer shuffles), the faster one when the
+# batch fills the GPU; few_blocks: 16 channels and 32-token tiles per block, 4 lanes per channel
+# (more, smaller blocks: every SM busy at batch 16 x 4097 tokens, fewer barriers per token).
+PRESETS = dict(
+    many_blocks=Preset(InferScanConfig(channels=64, split=2, tile_l=16, prep_by_row=True),
+                       blocks_per_sm=4, block_us=0.088, latency_us=0.198),
+    few_blocks=Preset(InferScanConfig(channels=16, split=4, tile_l=32, stages=2,
+                                      prep_by_row=True),
+                      blocks_per_sm=6, block_us=0.026, latency_us=0.135),
+)
+
+
+def auto_config(batch: int, E: int, L: int, sm_count: int) -> InferScanConfig:
+    """The preset and chunk count of least modelled time (:meth:`Preset.predicted_us`), with
+    chunk counts up to what one wave of blocks holds (the range the model was fitted and
+    checked on); a rival must be 3% faster to displace a plainer plan (fewer chunks, earlier
+    preset)."""
+    best = None
+    for preset in PRESETS.values():
+        blocks = batch * math.ceil(E / preset.config.channels) * 2
+        # chunked plans fill SMs to one block short of full: at exactly full (every SM holding
+        # blocks_per_sm) the H200 ran 20-25% slower than modelled (2 x 4097, 4 x 16385)
+        most = max(1, min((preset.blocks_per_sm - 1) * sm_count // blocks,
+                          L // (4 * preset.config.tile_l)))
+        for n in range(1, most + 1):
+            t = preset.predicted_us(batch, E, L, n, sm_count)
+            if best is None or t < best[0] * 0.97:
+                best = (t, dataclasses.replace(preset.config, n_chunks=n))
+    return best[1]
+
+
 def chunk_count(batch: int, E: int, L: int, sm_count: int,
-                cfg: InferScanConfig = DEFAULT_CONFIG) -> int:
-    """How many chunks to cut each sequence into: one pass unless the blocks of one pass
-    (batch x channel blocks x 2 directions) leave enough SMs idle that shorter, chunked walks
-    finish sooner despite walking twice. The model: blocks sharing an SM take turns, so the
-    cost is (blocks per SM) x (tokens per walk) x (1 or ``chunked_cost``)."""
+                cfg: InferScanConfig = DEFAULT_CONFIG, busy_warps: int = 16) -> int:
+    """How many chunks to cut each sequence into: one pass unless its blocks (batch x channel
+    blocks x 2 directions) leave the SMs so short of warps that shorter, chunked walks finish
+    sooner despite walking twice. The model: an SM's time is (tokens per walk) x max(1, its
+    warps / ``busy_warps``) (below ``busy_warps`` a walk runs at its latency-bound speed, above
+    them its blocks share the SM), x ``chunked_cost`` when chunked."""
     if cfg.n_chunks:
         return cfg.n_chunks
     blocks = batch * math.ceil(E / cfg.channels) * 2
-    best, best_cost = 1, math.ceil(blocks / sm_count) * float(L)
+    warps_per_block = math.ceil(cfg.channels * cfg.split / 32)
+
+    def cost(n):
+        warps = math.ceil(blocks * n / sm_count) * warps_per_block
+        walk = -(-math.ceil(L / n) // cfg.tile_l) * cfg.tile_l
+        return walk * max(1.0, warps / busy_warps) * (cfg.chunked_cost if n > 1 else 1.0)
+
+    best, best_cost = 1, cost(1)
     for n in range(2, max(2, L // (4 * cfg.tile_l)) + 1):
-        waves = math.ceil(blocks * n / sm_count)
-        cost = waves * math.ceil(L / n) * cfg.chunked_cost
-        if cost < best_cost * 0.95:
-            best, best_cost = n, cost
-        if waves > 4:
+        if cost(n) < best_cost * 0.95:
+            best, best_cost = n, cost(n)
+        if blocks * n > 8 * sm_count * 32 // warps_per_block:  # far past full
             break
     return best
 
@@ -180,7 +245,7 @@ def _direction(p: dict):
     return [t.detach().float().contiguous() for t in (p['dt_proj_w'], p['dt_bias'], p['A'], p['D'])]
 
 
-def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfig,
+def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfig | None,
                 sm_count: int):
     """What :func:`bidirectional_scan_infer` launches, on the inputs' device: the fitted config,
     the output, the kernels' arguments and [(kernel name, grid, block)] in launch order."""
@@ -190,6 +255,8 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
             _rows_aligned(t, 4) for t in (x_f, x_b)) or x_f.shape[-1] != dt_rank + 2 * d_state:
         raise ValueError('bidirectional_scan_infer: u_f/u_b and x_f/x_b must share their '
                          'layouts, x_* be (batch, L, dt_rank + 2 N) with 8-byte aligned rows')
+    if cfg is None:
+        cfg = auto_config(batch, E, L, sm_count)
     cfg = fitted(cfg, d_state, dt_rank)
     n_chunks = chunk_count(batch, E, L, sm_count, cfg)
     chunk_l = -(-math.ceil(L / n_chunks) // cfg.tile_l) * cfg.tile_l
@@ -211,13 +278,14 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
 
 
 def bidirectional_scan_infer(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict,
-                             cfg: InferScanConfig = DEFAULT_CONFIG) -> torch.Tensor:
+                             cfg: InferScanConfig | None = None) -> torch.Tensor:
     """Both scan directions of a Vim layer, gated and halved, side by side.
 
     u_*: (batch, L, E) conv outputs in original token order (u_b from the anti-causal conv);
     x_*: their x_proj outputs (batch, L, R + 2N) = [dt | B | C]; z: (batch, L, E); fwd / bwd:
     the direction parameters of :meth:`BiMambaMixer.direction_params`. Returns (batch, L, 2E):
     ``[y_fwd, y_bwd] * silu(z) / 2``, so ``out_proj`` over ``[W, W]`` gives the mixer output.
+    ``cfg`` None: :func:`auto_config`'s plan for this batch, length and width.
     """
     sm_count = torch.cuda.get_device_properties(u_f.device).multi_processor_count
     cfg, out, args, launches = launch_plan(u_f, x_f, u_b, x_b, z, fwd, bwd, cfg, sm_count)
