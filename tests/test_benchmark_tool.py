@@ -40,7 +40,7 @@ def test_unknown_model_option_is_refused():
     proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'benchmark.py'), '--models',
                            'vim-t+fast', '--res', '32', '--device', 'cpu'],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode != 0 and "the suffixes are +cp, +graph and +cscan" in proc.stderr
+    assert proc.returncode != 0 and "the suffixes are +cp, +graph, +cscan, +tscan" in proc.stderr
 
 
 def test_cscan_needs_the_triton_path_and_rows_record_its_failure(tmp_path):

@@ -8,8 +8,9 @@ path: auto, cuda = mamba-ssm kernels, triton = fused scan, torch; ``+cp`` turns 
 backbone's activation checkpointing (with_cp); a ``+graph`` suffix, e.g.
 ``vim-t@triton+graph``, turns on the backbone's ``cuda_graph`` option, what tools/test.py and
 tools/train.py users get (forward graphs for --mode infer, forward + backward graphs for train),
-while ``--cuda-graph`` records the whole timed inference step; ``+cscan`` runs the row with
-VIM_MM_INFER_SCAN=cuda, the opt-in CUDA C++ inference scan of the triton path), deit-t /
+while ``--cuda-graph`` records the whole timed inference step; the triton path's inference
+scan follows $VIM_MM_INFER_SCAN (default: the CUDA C++ scan where it applies), and ``+cscan`` /
+``+tscan`` force the CUDA C++ / the Triton scan for the row), deit-t /
 deit-s (mmpretrain VisionTransformer, fused SDPA attention) and deit-t-plain / deit-s-plain (the same with plain
 matmul-softmax attention, as in the paper's comparison). ``--neck`` adds the SimpleFPN neck.
 Timing: warm-up, then CUDA events around each step (host clock on CPU), median of repeats;
@@ -34,17 +35,22 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 VIM = {'vim-t': 'tiny', 'vim-s': 'small', 'vim-b': 'base'}
 DEIT = {'deit-t': 'deit-tiny', 'deit-s': 'deit-small', 'deit-b': 'deit-base'}
 
+SCANS = {'cscan': 'cuda', 'tscan': 'triton'}  # suffix: VIM_MM_INFER_SCAN for the row
+SUFFIXES = ('cp', 'graph', *SCANS)
+
 
 def build(name: str, res: int, backend: str | None, neck: bool):
     # vim-t@triton+cp+graph: mixer path, the backbone's with_cp and cuda_graph options
     model_name, *options = name.split('+')
-    if set(options) - {'cp', 'graph', 'cscan'}:
-        raise SystemExit(f'unknown option in {name!r}: the suffixes are +cp, +graph and +cscan')
+    if set(options) - set(SUFFIXES):
+        raise SystemExit(f'unknown option in {name!r}: the suffixes are '
+                         + ', '.join('+' + k for k in SUFFIXES))
     base, _, forced = model_name.replace('-plain', '').partition('@')
     backend = forced or backend
-    if 'cscan' in options and backend != 'triton':
-        raise SystemExit(f'{name!r}: +cscan swaps the inference scan of the triton path; '
-                         f'use {base}@triton+cscan')
+    for scan in set(options) & set(SCANS):
+        if backend != 'triton':
+            raise SystemExit(f'{name!r}: +{scan} picks the inference scan of the triton path; '
+                             f'use {base}@triton+{scan}')
     if base in VIM:
         from vim_mm import VisionMamba
         model = VisionMamba(VIM[base], img_size=res, backend=backend,
@@ -95,8 +101,10 @@ def timed(fn, device, warmup, repeats):
 
 
 def measure(name, res, batch, mode, dtype, device, args):
-    """One row; ``+cscan`` runs it with VIM_MM_INFER_SCAN=cuda (the CUDA C++ inference scan)."""
-    scan = 'cuda' if 'cscan' in name.split('+')[1:] else 'triton'
+    """One row; ``+cscan`` / ``+tscan`` run it with VIM_MM_INFER_SCAN=cuda / triton."""
+    from vim_mm.ops.cuda_scan import infer_scan_choice
+    forced = [SCANS[k] for k in name.split('+')[1:] if k in SCANS]
+    scan = forced[-1] if forced else infer_scan_choice()
     saved = os.environ.get('VIM_MM_INFER_SCAN')
     os.environ['VIM_MM_INFER_SCAN'] = scan
     try:

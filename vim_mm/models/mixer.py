@@ -87,9 +87,9 @@ class BiMambaMixer(nn.Module):
         mirrored taps (one Triton kernel makes both directions when no gradient is needed; the
         PyTorch twin otherwise), and the scans run that branch right to left. The fused Triton
         scan takes ``x_proj``'s rows reordered to [B, C, dt] and padded to a multiple of 16 so
-        that every token's B and C are aligned vectors; the opt-in CUDA C++ inference scan
-        (``VIM_MM_INFER_SCAN=cuda``, no gradients, 16-bit activations) reads x_proj's output
-        as it is and applies dt_proj itself."""
+        that every token's B and C are aligned vectors; the CUDA C++ inference scan (no
+        gradients, 16-bit activations: ``vim_mm/ops/cuda_scan.py``) reads x_proj's output as
+        it is (rows padded to 16 bytes, for the GEMM) and applies dt_proj itself."""
         from ..ops.triton_conv import bidirectional_conv, bidirectional_conv_torch
         from ..ops.triton_scan import bidirectional_selective_scan
         N, R = self.d_state, self.dt_rank
@@ -103,7 +103,9 @@ class BiMambaMixer(nn.Module):
             t.requires_grad for t in (x, *fwd.values(), *bwd.values())))
         if inference and self._use_cuda_scan(us[0], z):
             from ..ops.cuda_scan import bidirectional_scan_infer
-            x_dbls = [F.linear(u, p['x_proj_w']) for u, p in zip(us, (fwd, bwd))]  # [dt|B|C]
+            width = R + 2 * N  # x_proj's rows padded to 16 bytes: cuBLAS's fast GEMMs need it
+            x_dbls = [F.linear(u, F.pad(p['x_proj_w'], (0, 0, 0, -width % 8)))[..., :width]
+                      for u, p in zip(us, (fwd, bwd))]  # [dt | B | C]
             y = bidirectional_scan_infer(us[0], x_dbls[0], us[1], x_dbls[1], z, fwd, bwd)
             # y = [y_fwd, y_bwd] (gated, halved): out_proj over [W, W] adds the directions
             return F.linear(y, self.out_proj.weight.repeat(1, 2), self.out_proj.bias)
@@ -121,13 +123,16 @@ class BiMambaMixer(nn.Module):
         return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
 
     def _use_cuda_scan(self, u, z) -> bool:
-        """Whether inference takes the CUDA C++ scan: only with ``VIM_MM_INFER_SCAN=cuda``
-        (opt-in until it is timed against the Triton scan alike, ``vim_mm/ops/cuda_scan.py``),
-        and then on inputs it cannot take it is an error, not a silent fallback."""
+        """Whether inference takes the CUDA C++ scan (faster than the Triton scan on every
+        shape timed, ``vim_mm/ops/cuda_scan.py``): by default wherever it applies;
+        ``VIM_MM_INFER_SCAN=triton`` never, ``=cuda`` always (an error where it cannot)."""
         from ..ops.cuda_scan import cuda_scan_applies, infer_scan_choice
-        if infer_scan_choice() != 'cuda':
+        choice = infer_scan_choice()
+        if choice == 'triton':
             return False
         why_not = cuda_scan_applies(u, z, self.d_state, self.dt_rank)
+        if why_not and choice == 'auto':
+            return False
         if why_not:
             raise RuntimeError(f'VIM_MM_INFER_SCAN=cuda: the CUDA C++ inference scan {why_not}; '
                                'unset it to use the Triton scan.')

@@ -13,9 +13,9 @@ twice per direction, and reads x_proj's output as it is. :func:`auto_config` pic
 presets and the chunk count per shape from a time model fitted to an H200 sweep.
 
 What it measures (H200, benchmarks/README.md "Eighth session", CUDA-graph replays): faster
-than the Triton scan (with its dt_proj GEMMs) at every Vim-Ti shape timed, 1.07x at 2048 px b4 and 1.09x at 224 px b128
-to 2.2x at 512 px b32 and 2.1x at 1024 px b1; correct everywhere checked (bf16 within 3.6e-3,
-fp16 within 3.5e-4 of the fp32 PyTorch twin).
+than the Triton scan (with its dt_proj GEMMs) at every Vim-Ti shape timed: 1.07x at 2048 px b4,
+1.09x at 224 px b128, 1.45x at 1024 px b16, 2.1x at 1024 px b1, 2.2x at 512 px b32; correct
+everywhere checked (bf16 within 3.6e-3, fp16 within 3.5e-4 of the fp32 PyTorch twin).
 
 Forward only, 16-bit token-major activations: what the mixer has under ``torch.no_grad()``
 with autocast. Compiled by NVRTC at first use (``torch.cuda._compile_kernel``: no toolchain
