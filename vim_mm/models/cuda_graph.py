@@ -29,21 +29,37 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ['GraphCache', 'capture_cuda_graph', 'capture_training_graph']
+__all__ = ['GraphCache', 'capture_cuda_graph', 'capture_training_graph', 'uncached_autocast']
+
+
+def uncached_autocast(device_type: str = 'cuda'):
+    """The current autocast state of ``device_type`` with its weight cache off, for recording.
+
+    Autocast caches the 16-bit copies of parameters until the outermost autocast context exits;
+    a graph recorded with a cached copy reads that copy's memory at every replay, after it was
+    freed (garbage weights, or an illegal address once the allocator has returned the memory:
+    seen as such at 224 px batch 128, benchmarks/README.md "Eighth session"). Uncached, the
+    casts are recorded in the graph and read the parameters at each replay."""
+    if not torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False, cache_enabled=False)
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                          cache_enabled=False)
 
 
 def capture_cuda_graph(fn: Callable, *args, warmup: int = 2):
     """Record ``fn(*args)`` (CUDA tensors, fixed shapes) as a CUDA graph on the current device;
-    returns (replay, the outputs the replays write into)."""
+    returns (replay, the outputs the replays write into). Under autocast, the casts of
+    parameters are recorded too (:func:`uncached_autocast`)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles and autotunes here
-        for _ in range(warmup):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn(*args)
+    with uncached_autocast():
+        with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, autotunes
+            for _ in range(warmup):
+                fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = fn(*args)
     return graph.replay, outputs
 
 
@@ -63,10 +79,7 @@ def capture_training_graph(module: torch.nn.Module, static_input: torch.Tensor) 
 
     def forward(x, *weights):
         return torch.func.functional_call(module, dict(zip(names, weights)), (x,))
-    kwargs = {}
-    if torch.is_autocast_enabled('cuda'):
-        kwargs = dict(dtype=torch.get_autocast_dtype('cuda'))
-    with torch.autocast('cuda', enabled=bool(kwargs), cache_enabled=False, **kwargs):
+    with uncached_autocast():
         graphed = torch.cuda.make_graphed_callables(forward, (static_input, *stand_ins))
     # the warm-up's eager activations sit in the allocator's cache, which the graphs' private
     # memory pool cannot reuse: give them back instead of holding the step's memory twice
