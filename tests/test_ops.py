@@ -115,3 +115,26 @@ def test_backend_selection(monkeypatch):
         resolve_backend(None, 'cpu')
     with pytest.raises(RuntimeError, match='cuda'):
         resolve_backend('cuda', 'cpu')
+
+
+@pytest.mark.parametrize('mamba_ssm, triton', [(True, True), (True, False), (False, True),
+                                               (False, False)])
+def test_auto_backend_takes_the_fastest_path_per_mode(monkeypatch, mamba_ssm, triton):
+    """auto on CUDA tensors: mamba-ssm for training and eager inference, the triton path (CUDA
+    C++ scan) for inference recorded in CUDA graphs; each falls back to the other, then to
+    PyTorch; CPU tensors always PyTorch; an explicit choice is kept in every mode."""
+    from vim_mm.ops import backend, graphed_inference, triton_scan
+    monkeypatch.delenv('VIM_MM_BACKEND', raising=False)
+    monkeypatch.setattr(backend, 'CUDA_KERNELS_AVAILABLE', mamba_ssm)
+    monkeypatch.setattr(triton_scan, 'TRITON_SCAN_AVAILABLE', triton)
+    plain = 'cuda' if mamba_ssm else 'triton' if triton else 'torch'
+    assert resolve_backend(None, 'cuda', needs_grad=True) == plain
+    assert resolve_backend(None, 'cuda', needs_grad=False) == plain
+    with graphed_inference():
+        assert resolve_backend(None, 'cuda', needs_grad=False) == ('triton' if triton else plain)
+        assert resolve_backend(None, 'cuda', needs_grad=True) == plain  # graphed training
+        assert resolve_backend(None, 'cpu', needs_grad=False) == 'torch'
+        if triton:
+            assert resolve_backend('triton', 'cuda', needs_grad=True) == 'triton'
+    assert resolve_backend(None, 'cuda', needs_grad=False) == plain  # the context is left
+    assert resolve_backend('auto', 'cpu', False) == 'torch'

@@ -19,6 +19,7 @@ an out-of-memory is recorded as "OOM". Writes JSON (and a PNG plot with --plot).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -157,8 +158,18 @@ def _measure(name, res, batch, mode, dtype, device, args):
         # graphs keep their memory in private pools, which count as reserved, not allocated
         row['peak_reserved_gb'] = torch.cuda.max_memory_reserved(device) / 2**30
     if name.split('+')[0].partition('@')[0] in VIM:
-        row['backend'] = model[0].active_backend if args.neck else model.active_backend
+        row['backend'] = ran_backend(model[0] if args.neck else model, mode)
     return row
+
+
+def ran_backend(vim, mode: str) -> str:
+    """The mixer path the timed steps took: resolved in their grad mode and, for inference
+    through the backbone's graphs, in their graphed context (vim_mm.ops.backend)."""
+    from vim_mm.ops import graphed_inference
+    if mode == 'train':
+        return vim.active_backend
+    with torch.no_grad(), (graphed_inference() if vim.cuda_graph else contextlib.nullcontext()):
+        return vim.active_backend
 
 
 def plot(rows, path):

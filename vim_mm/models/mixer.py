@@ -66,7 +66,9 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, d_model) -> (B, L, d_model)."""
         fwd, bwd = self.direction_params(''), self.direction_params('_b')
-        backend = resolve_backend(self.backend, hidden_states.device.type)
+        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad
+                                                  or self.in_proj.weight.requires_grad)
+        backend = resolve_backend(self.backend, hidden_states.device.type, needs_grad)
         if backend == 'triton':
             return self.forward_triton(hidden_states, fwd, bwd)
         xz = linear_channel_first(self.in_proj.weight, hidden_states.transpose(1, 2))  # (B, 2E, L)

@@ -1,16 +1,21 @@
 """Which implementation runs the mixer: mamba-ssm CUDA kernels, the fused Triton scan, PyTorch.
 
-``auto`` (the default) takes the mamba-ssm CUDA kernels for CUDA tensors when they import, else
-PyTorch. ``triton`` is the fused bidirectional scan (vim_mm/ops/triton_scan.py), opt-in: its
-inference is 1.2-1.5x faster at 512-2048 px on an H100 (equal at 224 b128, where Python
-launches bound both paths; 3x there with the backbone's ``cuda_graph``), but its backward is
-slower and needs more memory, so ``auto`` keeps mamba-ssm (benchmarks/README.md, "Fifth session").
+``auto`` (the default), for CUDA tensors: inference recorded in the backbone's CUDA graphs
+(``cuda_graph=True``, :func:`graphed_inference`) takes the token-major ``triton`` path, whose
+inference scan is the CUDA C++ one (vim_mm/ops/cuda_scan.py): recorded whole, it runs 1.5-1.9x
+the mamba-ssm path's images/s at 512-1248 px on an H200 (benchmarks/README.md, "Eighth session"),
+but it launches more kernels from Python, so eagerly, where launches bound small batches
+(1024 px batch 1: 43.9 against 23.8 ms), and for training (its backward is slower and needs
+more memory, "Fifth session") ``auto`` takes the mamba-ssm CUDA kernels when they import; else
+``triton``. Without CUDA tensors (or without triton and mamba-ssm): PyTorch.
 Force a path with the ``backend`` argument of the model or the ``VIM_MM_BACKEND`` environment
 variable; asking for a path where it cannot run is an error, never a silent fallback. Each
 resolved choice is logged once.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 
@@ -20,6 +25,18 @@ BACKENDS = ('auto', 'cuda', 'triton', 'torch')
 ENV_VAR = 'VIM_MM_BACKEND'
 logger = logging.getLogger('vim_mm')
 _announced: set = set()
+_graphed = contextvars.ContextVar('vim_mm_graphed_inference', default=False)
+
+
+@contextlib.contextmanager
+def graphed_inference():
+    """Inference whose launches are recorded in a CUDA graph (warm-up and recording): ``auto``
+    may take the path with more, cheaper kernels."""
+    token = _graphed.set(True)
+    try:
+        yield
+    finally:
+        _graphed.reset(token)
 
 
 def requested_backend(backend: str | None = None) -> str:
@@ -31,11 +48,18 @@ def requested_backend(backend: str | None = None) -> str:
     return choice
 
 
-def resolve_backend(backend: str | None, device_type: str) -> str:
-    """The backend that will run for tensors on ``device_type``."""
+def resolve_backend(backend: str | None, device_type: str, needs_grad: bool = True) -> str:
+    """The backend that will run for tensors on ``device_type`` (``needs_grad``: whether the
+    call must be differentiable; inference may take another path under ``auto``)."""
     choice = requested_backend(backend)
     if choice == 'auto':
-        choice = 'cuda' if device_type == 'cuda' and CUDA_KERNELS_AVAILABLE else 'torch'
+        from .triton_scan import TRITON_SCAN_AVAILABLE
+        triton = device_type == 'cuda' and TRITON_SCAN_AVAILABLE
+        graphed = _graphed.get() and not needs_grad
+        if device_type == 'cuda' and CUDA_KERNELS_AVAILABLE and not (graphed and triton):
+            choice = 'cuda'
+        else:
+            choice = 'triton' if triton else 'torch'
     elif choice == 'cuda':
         if not CUDA_KERNELS_AVAILABLE:
             raise RuntimeError(
@@ -50,11 +74,12 @@ def resolve_backend(backend: str | None, device_type: str) -> str:
         if not TRITON_SCAN_AVAILABLE or (device_type != 'cuda' and not INTERPRET):
             raise RuntimeError('Vim backend "triton" needs triton and CUDA tensors (or '
                                'TRITON_INTERPRET=1 for CPU tests); use backend="auto".')
-    key = (choice, device_type)
+    mode = 'training' if needs_grad else 'graphed inference' if _graphed.get() else 'inference'
+    key = (choice, device_type, mode)
     if key not in _announced:
         _announced.add(key)
-        logger.info('vim_mm: bidirectional Mamba mixer runs on the %s path for %s tensors',
-                    {'cuda': 'mamba-ssm/causal-conv1d CUDA kernel', 'triton': 'fused Triton scan',
-                     'torch': 'PyTorch'}[choice],
-                    device_type)
+        logger.info('vim_mm: bidirectional Mamba mixer runs on the %s path for %s tensors (%s)',
+                    {'cuda': 'mamba-ssm/causal-conv1d CUDA kernel',
+                     'triton': 'token-major Triton / CUDA C++ scan', 'torch': 'PyTorch'}[choice],
+                    device_type, mode)
     return choice

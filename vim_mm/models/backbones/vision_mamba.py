@@ -223,9 +223,10 @@ class VisionMamba(nn.Module):
     # ----------------------------------------------------------------------------- helpers
     @property
     def active_backend(self) -> str:
-        """The mixer implementation that runs for this model's current device."""
+        """The mixer implementation that runs for this model's current device and grad mode."""
         from ...ops import resolve_backend
-        return resolve_backend(self.backend, self.pos_embed.device.type)
+        return resolve_backend(self.backend, self.pos_embed.device.type,
+                               torch.is_grad_enabled())
 
     def no_weight_decay(self) -> set[str]:
         return {name for name, _ in self.named_parameters()
@@ -262,7 +263,9 @@ class VisionMamba(nn.Module):
         mode = self._graph_mode(x)
         max_graphs = 4 if self.cuda_graph is True else int(self.cuda_graph)
         if mode == 'infer':
-            return self._graphs(self._forward, x, self._graph_inputs(), max_graphs)
+            from ...ops import graphed_inference
+            with graphed_inference():  # auto may take the faster path with more launches
+                return self._graphs(self._forward, x, self._graph_inputs(), max_graphs)
         if mode == 'train':
             return self._graphs.train(self, self._forward, x, max_graphs)
         return self._forward(x)
