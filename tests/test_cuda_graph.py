@@ -298,3 +298,48 @@ def test_training_capture_records_on_stand_ins_and_replays_into_the_parameters(m
     assert len(fired) == len(seen) == len(list(model.parameters()))
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_graphed_inference_is_marked_for_the_backend_choice(monkeypatch):
+    """Inside the backbone's inference graphs (warm-up and recording) the mixers see
+    graphed_inference, where ``auto`` may take the triton path; eager forwards and training
+    graphs do not (vim_mm.ops.backend)."""
+    from vim_mm.ops import backend
+    seen = []
+    real = backend.resolve_backend
+
+    def spy(choice, device_type, needs_grad=True):
+        seen.append(backend._graphed.get())
+        return real(choice, device_type, needs_grad)
+    monkeypatch.setattr('vim_mm.models.mixer.resolve_backend', spy)
+    model, fake = graphed_model(monkeypatch)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        assert fake.recorded == 1 and seen and all(seen)
+        seen.clear()
+        model._forward(x)  # eager
+    assert seen and not any(seen)
+    seen.clear()
+    model.train()
+    model(x)  # a training graph
+    assert seen and not any(seen)
+
+
+def test_recording_turns_the_autocast_weight_cache_off():
+    """A graph recorded with autocast's cached 16-bit weights would read freed memory at its
+    replays (the cache empties when the outer autocast exits): recording runs uncached, in the
+    same autocast state."""
+    from vim_mm.models.cuda_graph import uncached_autocast
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    x = torch.randn(2, 4)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.is_autocast_cache_enabled()
+        with uncached_autocast('cpu'):
+            assert torch.is_autocast_enabled('cpu') and not torch.is_autocast_cache_enabled()
+            assert torch.get_autocast_dtype('cpu') == torch.bfloat16
+            assert torch.nn.functional.linear(x, weight).dtype == torch.bfloat16
+        assert torch.is_autocast_cache_enabled()  # restored for the caller
+    with uncached_autocast('cpu'):
+        assert not torch.is_autocast_enabled('cpu')  # no autocast stays no autocast
+        assert torch.nn.functional.linear(x, weight).dtype == torch.float32
