@@ -26,6 +26,7 @@ its logic on the CPU by compiling the same source as C++ with a thread per CUDA 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -145,6 +146,7 @@ PRESETS = dict(
 )
 
 
+@functools.lru_cache(maxsize=256)  # ~70 us of Python per plan at batch 1, per layer and call
 def auto_config(batch: int, E: int, L: int, sm_count: int) -> InferScanConfig:
     """The preset and chunk count of least modelled time (:meth:`Preset.predicted_us`), with
     chunk counts up to what one wave of blocks holds (the range the model was fitted and
@@ -160,8 +162,8 @@ def auto_config(batch: int, E: int, L: int, sm_count: int) -> InferScanConfig:
         for n in range(1, most + 1):
             t = preset.predicted_us(batch, E, L, n, sm_count)
             if best is None or t < best[0] * 0.97:
-                best = (t, dataclasses.replace(preset.config, n_chunks=n))
-    return best[1]
+                best = (t, preset, n)
+    return dataclasses.replace(best[1].config, n_chunks=best[2])
 
 
 def chunk_count(batch: int, E: int, L: int, sm_count: int,
@@ -277,6 +279,11 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
     return cfg, out, args, launches
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def bidirectional_scan_infer(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict,
                              cfg: InferScanConfig | None = None) -> torch.Tensor:
     """Both scan directions of a Vim layer, gated and halved, side by side.
@@ -287,7 +294,8 @@ def bidirectional_scan_infer(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict,
     ``[y_fwd, y_bwd] * silu(z) / 2``, so ``out_proj`` over ``[W, W]`` gives the mixer output.
     ``cfg`` None: :func:`auto_config`'s plan for this batch, length and width.
     """
-    sm_count = torch.cuda.get_device_properties(u_f.device).multi_processor_count
+    sm_count = _sm_count(u_f.device.index if u_f.device.index is not None
+                         else torch.cuda.current_device())
     cfg, out, args, launches = launch_plan(u_f, x_f, u_b, x_b, z, fwd, bwd, cfg, sm_count)
     final, summary = _compile(fwd['A'].shape[1], fwd['dt_proj_w'].shape[1], u_f.dtype, cfg)
     kernels = dict(vim_scan_final=final, vim_scan_summary=summary)
