@@ -137,5 +137,5 @@ class BiMambaMixer(nn.Module):
             return False
         if why_not:
             raise RuntimeError(f'VIM_MM_INFER_SCAN=cuda: the CUDA C++ inference scan {why_not}; '
-                               'unset it to use the Triton scan.')
+                               'unset it (the scan is then chosen per input) or set it to triton.')
         return True

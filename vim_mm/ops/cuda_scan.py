@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 __all__ = ['InferScanConfig', 'infer_scan_choice', 'cuda_scan_applies', 'layout_problem',
-           'Preset', 'PRESETS', 'auto_config', 'chunk_count', 'fitted', 'shared_bytes', 'launch_plan', 'bidirectional_scan_infer',
-           'bidirectional_scan_infer_reference']
+           'Preset', 'PRESETS', 'auto_config', 'chunk_count', 'fitted', 'shared_bytes',
+           'launch_plan', 'bidirectional_scan_infer', 'bidirectional_scan_infer_reference']
 
 SOURCE = Path(__file__).with_name('csrc') / 'bimamba_scan_fwd.cu'
 ENV_VAR = 'VIM_MM_INFER_SCAN'
@@ -114,7 +114,7 @@ class Preset:
     """A config and the time model :func:`auto_config` plans with, fitted to the H200 sweep
     (benchmarks/README.md, "Eighth session"): a walk costs, per token, ``block_us`` per block
     sharing an SM (the SM is the bound) but at least ``latency_us`` (one walk's own speed);
-    ``blocks_per_sm`` blocks fit an SM at once (ptxas: 128 registers per thread)."""
+    ``blocks_per_sm`` blocks fit an SM at once (ptxas: 120-136 registers per thread)."""
     config: InferScanConfig
     blocks_per_sm: int
     block_us: float
