@@ -264,7 +264,9 @@ class VisionMamba(nn.Module):
         max_graphs = 4 if self.cuda_graph is True else int(self.cuda_graph)
         if mode == 'infer':
             from ...ops import graphed_inference
-            with graphed_inference():  # auto may take the faster path with more launches
+            # auto may take the path with more launches (a shape past max_graphs, run
+            # eagerly inside this context, takes it too: slower to launch, same result)
+            with graphed_inference():
                 return self._graphs(self._forward, x, self._graph_inputs(), max_graphs)
         if mode == 'train':
             return self._graphs.train(self, self._forward, x, max_graphs)
