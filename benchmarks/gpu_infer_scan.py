@@ -2,8 +2,9 @@
 
 (a) correctness against the PyTorch twin in fp32 (``bidirectional_scan_infer_reference``
     with dt_proj applied in fp32), bf16 and fp16 inputs, Vim-Ti/S/demo widths, short, long and
-    odd lengths, batch 1 to 128, one pass and forced chunkings; the output is poisoned with NaN
-    first, so an unwritten element fails; error = max |ours - ref| / max |ref| (tolerance 1e-2);
+    odd lengths, batch 1 to 128, with auto_config's plans (the default), forced chunkings and
+    each preset on shapes the other one would get; the output is poisoned with NaN first, so an
+    unwritten element fails; error = max |ours - ref| / max |ref| (tolerance 1e-2);
 (b) GPU time per call (``triton.testing.do_bench`` of CUDA-graph replays, median) on Vim-Ti
     shapes of: this kernel; the fused Triton scan + the two dt_proj GEMMs it needs; two mamba-ssm
     ``selective_scan_fn`` + flips + dt_proj GEMMs (the authors' kernels); with the exp rate each
@@ -11,8 +12,9 @@
     seventh session's JSONs were made before this: their times are do_bench of the eager ops,
     host overhead included, and this kernel's also include summing its two output halves in
     fp32, three elementwise passes over (B, L, E) that the model leaves to out_proj.)
-(c) --sweep: the kernel's tile / polynomial / chunking / step-mapping options on the large
-    shapes (a few of them are also checked in (a));
+(c) --sweep: the presets and their neighbours (stages, lanes, tiles, channels) at the Vim-Ti
+    shapes, and chunk counts around auto_config's plans at batch 1-8 (what its time model was
+    fitted and is tested on, tests/test_cuda_scan.py; the eighth session's v5 / v6 JSONs);
 (d) --model: Vim-Ti features under autocast (bf16 and fp16) with the CUDA C++ scan and with the
     Triton scan, each against the fp32 PyTorch path (relative error of the features).
 
