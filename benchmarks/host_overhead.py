@@ -1,10 +1,13 @@
-"""Host (Python) time of one Vim-Ti forward, Triton path vs mamba-ssm path, 224 b128, bf16.
+"""Host (Python) time of one Vim-Ti forward, Triton path vs mamba-ssm path, bf16 inference.
 
-Prints, per path, the time to enqueue one forward (and with a final synchronize) and a cProfile
-of five forwards by own time: where the launch overhead that CUDA graphs remove comes from.
+Prints, per path and size, the time to enqueue one forward (and with a final synchronize) and a
+cProfile of five forwards by own time: where the launch overhead that CUDA graphs remove comes
+from.
 
-    python benchmarks/host_overhead.py > results/h100_hostprof_224.txt
+    python benchmarks/host_overhead.py > results/h100_hostprof_224.txt     # 224 px, batch 128
+    python benchmarks/host_overhead.py --res 1024 --batch 1 --top 30
 """
+import argparse
 import cProfile
 import io
 import os
@@ -17,9 +20,15 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tools'))
 from benchmark import build  # noqa: E402
 
-for name in ('vim-t@triton', 'vim-t@cuda'):
-    model = build(name, 224, None, False).cuda().eval()
-    x = torch.randn(128, 3, 224, 224, device='cuda')
+parser = argparse.ArgumentParser()
+parser.add_argument('--res', type=int, nargs='+', default=[224])
+parser.add_argument('--batch', type=int, nargs='+', default=[128])
+parser.add_argument('--top', type=int, default=22)
+args = parser.parse_args()
+for (res, batch), name in ((rb, n) for rb in zip(args.res, args.batch)
+                           for n in ('vim-t@triton', 'vim-t@cuda')):
+    model = build(name, res, None, False).cuda().eval()
+    x = torch.randn(batch, 3, res, res, device='cuda')
 
     def forward():
         with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
@@ -33,7 +42,7 @@ for name in ('vim-t@triton', 'vim-t@cuda'):
     t_enqueue = (time.perf_counter() - t0) / 10
     torch.cuda.synchronize()
     t_all = (time.perf_counter() - t0) / 10
-    print(f'{name}: host enqueue {t_enqueue * 1e3:.1f} ms/forward, '
+    print(f'{name} {res} b{batch}: host enqueue {t_enqueue * 1e3:.1f} ms/forward, '
           f'with sync {t_all * 1e3:.1f} ms', flush=True)
     profile = cProfile.Profile()
     profile.enable()
@@ -42,5 +51,5 @@ for name in ('vim-t@triton', 'vim-t@cuda'):
     torch.cuda.synchronize()
     profile.disable()
     text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats('tottime').print_stats(22)
-    print('\n'.join(line[:160] for line in text.getvalue().splitlines()[:50]), flush=True)
+    pstats.Stats(profile, stream=text).sort_stats('tottime').print_stats(args.top)
+    print('\n'.join(line[:160] for line in text.getvalue().splitlines()[:args.top + 28]), flush=True)
