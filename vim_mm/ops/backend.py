@@ -5,7 +5,8 @@
 inference scan is the CUDA C++ one (vim_mm/ops/cuda_scan.py): recorded whole, it runs 1.5-1.9x
 the mamba-ssm path's images/s at 512-1248 px on an H200 (benchmarks/README.md, "Eighth session"),
 but it launches more kernels from Python, so eagerly, where launches bound small batches
-(1024 px batch 1: 43.9 against 23.8 ms), and for training (its backward is slower and needs
+(1024 px batch 1: 38.6 against 33.0 ms of host time per forward, 43.9 against 23.8 ms of
+wall clock in another run), and for training (its backward is slower and needs
 more memory, "Fifth session") ``auto`` takes the mamba-ssm CUDA kernels when they import; else
 ``triton``. Without CUDA tensors (or without triton and mamba-ssm): PyTorch.
 Force a path with the ``backend`` argument of the model or the ``VIM_MM_BACKEND`` environment
