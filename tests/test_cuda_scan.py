@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vim_mm.ops import cuda_scan
-from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, SMEM_LIMIT, auto_config, chunk_count, fitted,
+from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, SMEM_LIMIT, auto_config, fitted, launch_plan,
                                   shared_bytes)
 
 PRESETS = {'tiny': (16, 12), 'small': (16, 24), 'base': (16, 48), 'demo': (8, 4)}
@@ -79,17 +79,28 @@ def test_fitted_drops_stages_then_channels_until_the_tiles_fit():
         fitted(dataclasses.replace(DEFAULT_CONFIG, tile_l=1024), 16, 12)
 
 
-def test_chunk_count_chunks_only_when_the_batch_leaves_sms_idle():
-    sms = 132
-    assert chunk_count(128, 384, 197, sms) == 1  # 224 px, batch 128: thousands of blocks
-    assert chunk_count(16, 384, 4097, sms) == 1  # 1024 px, batch 16: one pass
-    small = chunk_count(4, 384, 16385, sms)  # 2048 px, batch 4: 48 blocks for 132 SMs
-    assert small > 1
-    assert chunk_count(1, 384, 16385, sms) >= small  # fewer rows, at least as many chunks
-    for batch, L in ((1, 1000), (4, 16385), (2, 333)):
-        n = chunk_count(batch, 384, L, sms)
-        assert n == 1 or L / n >= 2 * DEFAULT_CONFIG.tile_l  # chunks of whole tiles, not slivers
-    assert chunk_count(16, 384, 4097, sms, dataclasses.replace(DEFAULT_CONFIG, n_chunks=3)) == 3
+def test_launch_plan_cuts_whole_tiles_and_launches_summaries_first():
+    """An explicit config walks in its n_chunks chunks of whole tiles (the last one shorter);
+    chunked, the summary kernel runs first over the chunks that have a successor."""
+    bf16 = dict(dtype=torch.bfloat16)
+    batch, L, E, N, R = 2, 333, 128, 16, 12
+    u, z = torch.zeros(batch, L, E, **bf16), torch.zeros(batch, L, 2 * E, **bf16)[..., E:]
+    x = torch.zeros(batch, L, R + 2 * N + 4, **bf16)[..., :R + 2 * N]  # rows padded, as in the mixer
+    p = dict(dt_proj_w=torch.zeros(E, R), dt_bias=torch.zeros(E), A=torch.zeros(E, N),
+             D=torch.zeros(E))
+    for n in (1, 3, 7):
+        cfg = dataclasses.replace(DEFAULT_CONFIG, n_chunks=n)
+        _, out, args, launches = launch_plan(u, x, u, x, z, p, p, cfg, sm_count=132)
+        n_chunks, chunk_l = args[-2:]
+        assert chunk_l % cfg.tile_l == 0 and (n_chunks - 1) * chunk_l < L <= n_chunks * chunk_l
+        assert n_chunks == n and out.shape == (batch, L, 2 * E)
+        names = [name for name, _, _ in launches]
+        assert names == (['vim_scan_summary', 'vim_scan_final'] if n > 1 else ['vim_scan_final'])
+        assert launches[-1][1] == (E // cfg.channels, batch, 2 * n)
+        if n > 1:
+            assert launches[0][1] == (E // cfg.channels, batch, 2 * (n - 1))
+    with pytest.raises(ValueError, match='n_chunks'):
+        launch_plan(u, x, u, x, z, p, p, dataclasses.replace(DEFAULT_CONFIG, n_chunks=0), 132)
 
 
 RESULTS = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'

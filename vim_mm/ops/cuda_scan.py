@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 __all__ = ['InferScanConfig', 'infer_scan_choice', 'cuda_scan_applies', 'layout_problem',
-           'Preset', 'PRESETS', 'auto_config', 'chunk_count', 'fitted', 'shared_bytes',
+           'Preset', 'PRESETS', 'auto_config', 'fitted', 'shared_bytes',
            'launch_plan', 'bidirectional_scan_infer', 'bidirectional_scan_infer_reference']
 
 SOURCE = Path(__file__).with_name('csrc') / 'bimamba_scan_fwd.cu'
@@ -49,7 +49,7 @@ class InferScanConfig:
     ``stages - 1`` tiles ahead; ``poly_final`` / ``poly_summary`` of a lane's exps per token as
     polynomials on the FMA pipe in the output / chunk-summary walks (0: measured slower, the
     kernel is not MUFU-bound); the swept options are in benchmarks/README.md, "Seventh
-    session"."""
+    session" and "Eighth session"."""
     channels: int = 64
     split: int = 4  # lanes per channel, NS / split states each (more warps, exps still once)
     tile_l: int = 16
@@ -60,9 +60,7 @@ class InferScanConfig:
     # steps 2 and 4 by tile row (conflict-free) instead of by lane: 15-30% faster on the H200
     # (both presets use it; False keeps the kernel measured first)
     prep_by_row: bool = False
-    # relative cost per token of a chunked walk (summary + output) vs one pass, for chunk_count
-    chunked_cost: float = 1.8
-    n_chunks: int = 0  # 0: chunk_count decides
+    n_chunks: int = 1  # chunks per sequence (auto_config plans it per shape)
 
 
 DEFAULT_CONFIG = InferScanConfig()
@@ -166,32 +164,6 @@ def auto_config(batch: int, E: int, L: int, sm_count: int) -> InferScanConfig:
     return dataclasses.replace(best[1].config, n_chunks=best[2])
 
 
-def chunk_count(batch: int, E: int, L: int, sm_count: int,
-                cfg: InferScanConfig = DEFAULT_CONFIG, busy_warps: int = 16) -> int:
-    """How many chunks to cut each sequence into: one pass unless its blocks (batch x channel
-    blocks x 2 directions) leave the SMs so short of warps that shorter, chunked walks finish
-    sooner despite walking twice. The model: an SM's time is (tokens per walk) x max(1, its
-    warps / ``busy_warps``) (below ``busy_warps`` a walk runs at its latency-bound speed, above
-    them its blocks share the SM), x ``chunked_cost`` when chunked."""
-    if cfg.n_chunks:
-        return cfg.n_chunks
-    blocks = batch * math.ceil(E / cfg.channels) * 2
-    warps_per_block = math.ceil(cfg.channels * cfg.split / 32)
-
-    def cost(n):
-        warps = math.ceil(blocks * n / sm_count) * warps_per_block
-        walk = -(-math.ceil(L / n) // cfg.tile_l) * cfg.tile_l
-        return walk * max(1.0, warps / busy_warps) * (cfg.chunked_cost if n > 1 else 1.0)
-
-    best, best_cost = 1, cost(1)
-    for n in range(2, max(2, L // (4 * cfg.tile_l)) + 1):
-        if cost(n) < best_cost * 0.95:
-            best, best_cost = n, cost(n)
-        if blocks * n > 8 * sm_count * 32 // warps_per_block:  # far past full
-            break
-    return best
-
-
 _kernels: dict = {}
 SMEM_LIMIT = 48 * 1024  # static shared memory of one block
 
@@ -231,8 +203,7 @@ def source_defines(d_state: int, dt_rank: int, dtype: torch.dtype, cfg: InferSca
 
 def _compile(d_state: int, dt_rank: int, dtype: torch.dtype, cfg: InferScanConfig):
     """The two kernels for a fitted config (NVRTC, once per process and device)."""
-    key = (d_state, dt_rank, dtype, cfg.channels, cfg.split, cfg.tile_l, cfg.stages,
-           cfg.poly_final, cfg.poly_summary, cfg.min_blocks, cfg.prep_by_row,
+    key = (d_state, dt_rank, dtype, dataclasses.replace(cfg, n_chunks=1),  # a launch setting
            torch.cuda.current_device())
     if key not in _kernels:
         _kernels[key] = tuple(
@@ -260,7 +231,9 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
     if cfg is None:
         cfg = auto_config(batch, E, L, sm_count)
     cfg = fitted(cfg, d_state, dt_rank)
-    n_chunks = chunk_count(batch, E, L, sm_count, cfg)
+    if cfg.n_chunks < 1:
+        raise ValueError(f'InferScanConfig.n_chunks must be >= 1 (got {cfg.n_chunks})')
+    n_chunks = cfg.n_chunks
     chunk_l = -(-math.ceil(L / n_chunks) // cfg.tile_l) * cfg.tile_l
     n_chunks = math.ceil(L / chunk_l)
     out = torch.empty(batch, L, 2 * E, dtype=u_f.dtype, device=u_f.device)
