@@ -2,8 +2,9 @@
 
 For each mixer path (mamba-ssm kernels, fused Triton scan) and autocast bf16 / fp32: a Vim-Ti
 with ``cuda_graph=True`` is fed two different batches of one shape (a recording, then a replay)
-and one batch of a second shape; every output must equal the eager forward of the same model
-bit for bit (same kernels, no atomics). Then the test-time case: batch 1 and 2 at 1024x1024,
+and one batch of a second shape, each call in its own autocast context with the allocator's
+cache emptied before it (so a replay that reads memory its graph does not own faults); every
+output must equal the eager forward of the same model bit for bit (same kernels, no atomics). Then the test-time case: batch 1 and 2 at 1024x1024,
 bf16, eager vs graphed, wall clock per forward (host launches included: what tools/test.py sees).
 
     python benchmarks/gpu_cuda_graph_check.py --out results/h100_cuda_graph_check.json
@@ -47,6 +48,9 @@ def main():
                             cuda_graph=True).cuda().eval()
         for dtype in (torch.bfloat16, torch.float32):
             for shape in ((2, 3, 512, 512), (2, 3, 512, 512), (1, 3, 384, 640)):
+                # memory freed since the last call goes back to the driver: a graph that reads
+                # a tensor it does not own (autocast's cached weights did) faults at its replay
+                torch.cuda.empty_cache()
                 x = torch.randn(shape, device='cuda')
                 with torch.no_grad(), torch.autocast('cuda', dtype, enabled=dtype != torch.float32):
                     graphed = model(x)
