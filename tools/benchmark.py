@@ -105,14 +105,15 @@ def measure(name, res, batch, mode, dtype, device, args):
     """One row; ``+cscan`` / ``+tscan`` run it with VIM_MM_INFER_SCAN=cuda / triton."""
     from vim_mm.ops.cuda_scan import infer_scan_choice
     forced = [SCANS[k] for k in name.split('+')[1:] if k in SCANS]
-    scan = forced[-1] if forced else infer_scan_choice()
     saved = os.environ.get('VIM_MM_INFER_SCAN')
-    os.environ['VIM_MM_INFER_SCAN'] = scan
+    if forced:
+        os.environ['VIM_MM_INFER_SCAN'] = forced[-1]
+    scan = infer_scan_choice()
     try:
         row = _measure(name, res, batch, mode, dtype, device, args)
     finally:
         if saved is None:
-            os.environ.pop('VIM_MM_INFER_SCAN')
+            os.environ.pop('VIM_MM_INFER_SCAN', None)
         else:
             os.environ['VIM_MM_INFER_SCAN'] = saved
     if row.get('backend') == 'triton':
