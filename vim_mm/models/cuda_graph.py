@@ -49,7 +49,9 @@ def uncached_autocast(device_type: str = 'cuda'):
 def capture_cuda_graph(fn: Callable, *args, warmup: int = 2):
     """Record ``fn(*args)`` (CUDA tensors, fixed shapes) as a CUDA graph on the current device;
     returns (replay, the outputs the replays write into). Under autocast, the casts of
-    parameters are recorded too (:func:`uncached_autocast`)."""
+    parameters are recorded too (:func:`uncached_autocast`); a ``fn`` that enters an autocast
+    context of its own must make it with ``cache_enabled=False`` (or build it inside ``fn``,
+    where it inherits the setting), or the graph reads casts that are freed after recording."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with uncached_autocast():
