@@ -12,9 +12,9 @@
     seventh session's JSONs were made before this: their times are do_bench of the eager ops,
     host overhead included, and this kernel's also include summing its two output halves in
     fp32, three elementwise passes over (B, L, E) that the model leaves to out_proj.)
-(c) --sweep: the presets and their neighbours (stages, lanes, tiles, channels) at the Vim-Ti
-    shapes, and chunk counts around auto_config's plans at batch 1-8 (what its time model was
-    fitted and is tested on, tests/test_cuda_scan.py; the eighth session's v5 / v6 JSONs);
+(c) --sweep: both presets in one pass at the batch-filled Vim-Ti shapes, and chunk counts up to
+    and past one wave at batch 1-8 (what auto_config's time model is fitted and tested on,
+    tests/test_cuda_scan.py);
 (d) --model: Vim-Ti features under autocast (bf16 and fp16) with the CUDA C++ scan and with the
     Triton scan, each against the fp32 PyTorch path (relative error of the features).
 
@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vim_mm.ops import cuda_scan  # noqa: E402
 from vim_mm.ops.cuda_scan import (PRESETS, InferScanConfig, auto_config,  # noqa: E402
                                   bidirectional_scan_infer,
                                   bidirectional_scan_infer_reference, fitted, launch_plan)
@@ -139,8 +140,26 @@ def triton_args(us, xs, z, dirs):
     return args + [z.transpose(1, 2)]
 
 
+class other_source:
+    """Within the block, the CUDA C++ scan compiles ``path`` instead of the tree's kernel source
+    (a same-call A/B: the GPU's speed varies between calls by more than many changes gain)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.saved = cuda_scan.SOURCE, dict(cuda_scan._kernels)
+        cuda_scan.SOURCE = self.path
+        cuda_scan._kernels.clear()
+
+    def __exit__(self, *exc):
+        cuda_scan.SOURCE = self.saved[0]
+        cuda_scan._kernels.clear()
+        cuda_scan._kernels.update(self.saved[1])
+
+
 def timings(batch, L, E=384, N=16, R=12, dtype=torch.bfloat16, cfg=None,
-            only_ours=False):
+            only_ours=False, ab_source=None):
     from triton.testing import do_bench
     us, xs, z, dirs = make_inputs(batch, L, E, N, R, dtype)
     row = dict(batch=batch, L=L)
@@ -163,6 +182,9 @@ def timings(batch, L, E=384, N=16, R=12, dtype=torch.bfloat16, cfg=None,
 
     with torch.no_grad():
         fns = dict(cuda_cpp=lambda: ours(us, xs, z, dirs, cfg))
+        if ab_source:
+            with other_source(ab_source):  # compiled and recorded now, replayed below
+                fns['cuda_cpp_ab'] = capture_cuda_graph(lambda: ours(us, xs, z, dirs, cfg))[0]
         if not only_ours:
             fns['triton'] = triton_path
         if selective_scan_fn is not None and not only_ours:
@@ -174,7 +196,8 @@ def timings(batch, L, E=384, N=16, R=12, dtype=torch.bfloat16, cfg=None,
         for name, fn in fns.items():
             # replays of a CUDA graph of the op: GPU time only (do_bench records its start event
             # before the Python of the op runs, so host overhead would count otherwise)
-            ms = do_bench(capture_cuda_graph(fn)[0], warmup=25, rep=200, return_mode='median')
+            graph = fn if name == 'cuda_cpp_ab' else capture_cuda_graph(fn)[0]
+            ms = do_bench(graph, warmup=25, rep=200, return_mode='median')
             row[name + '_ms'] = ms
             row[name + '_gexp_s'] = exps / ms / 1e6
             row[name + '_GBps'] = nbytes / ms / 1e6
@@ -212,6 +235,8 @@ def main():
     parser.add_argument('--no-check', action='store_true')
     parser.add_argument('--once', help='BxL: run the kernel once on Vim-Ti inputs (for ncu)')
     parser.add_argument('--config', default='{}', help='InferScanConfig fields as JSON (--once)')
+    parser.add_argument('--ab', help='another bimamba_scan_fwd.cu, timed in the same call '
+                                     '(column cuda_cpp_ab_ms)')
     args = parser.parse_args()
     if args.once:
         batch, L = map(int, args.once.split('x'))
@@ -243,16 +268,20 @@ def main():
         torch.cuda.empty_cache()
     result['timings'] = []
     for batch, L in TIMED:
-        result['timings'].append(timings(batch, L))
+        result['timings'].append(timings(batch, L, ab_source=args.ab))
         print(json.dumps(result['timings'][-1]), flush=True)
     if args.sweep:
         sweep = []
         # around auto_config's plans (the model's fitted range and past it)
-        grid = {(1, 4097): dict(many=(8, 16, 24, 33), few=(4, 8, 12, 16, 22)),
-                (2, 4097): dict(many=(4, 8, 16, 22), few=(2, 4, 8, 11)),
-                (8, 4097): dict(many=(2, 4, 6), few=(1, 2, 3)),
-                (1, 16385): dict(many=(16, 24, 33, 48), few=(8, 11, 16, 22)),
-                (4, 16385): dict(many=(8, 11, 16), few=(4, 8))}
+        # each preset in one pass at the batch-filled shapes; chunk counts up to and past one
+        # wave (what auto_config may choose) at batch 1-8
+        grid = {(128, 197): dict(many=(1,), few=(1,)), (32, 1025): dict(many=(1,), few=(1,)),
+                (16, 4097): dict(many=(1,), few=(1, 2)), (16, 6085): dict(many=(1,), few=(1,)),
+                (1, 4097): dict(many=(8, 11, 16, 22, 33, 44), few=(4, 8, 11, 16)),
+                (2, 4097): dict(many=(4, 8, 11, 16, 22), few=(2, 4, 8, 11)),
+                (8, 4097): dict(many=(1, 2, 4, 5), few=(1, 2, 3)),
+                (1, 16385): dict(many=(11, 16, 22, 33, 44), few=(8, 11, 16)),
+                (4, 16385): dict(many=(4, 8, 11, 16), few=(2, 4, 6))}
         for (batch, L), plans in grid.items():
             for name, counts in plans.items():
                 for n in counts:
@@ -269,9 +298,10 @@ def main():
                 print(json.dumps(result['model'][-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
-    print('\n| B x L | cuda C++ ms | triton ms | mamba-ssm x2 ms | C++ Gexp/s |')
+    print('\n| B x L | cuda C++ ms | --ab source ms | triton ms | mamba-ssm x2 ms | C++ Gexp/s |')
     for r in result['timings']:
-        print(f"| {r['batch']}x{r['L']} | {r['cuda_cpp_ms']:.3f} | {r['triton_ms']:.3f} | "
+        print(f"| {r['batch']}x{r['L']} | {r['cuda_cpp_ms']:.3f} | "
+              f"{r.get('cuda_cpp_ab_ms', float('nan')):.3f} | {r['triton_ms']:.3f} | "
               f"{r.get('mamba_ssm_x2_ms', float('nan')):.3f} | {r['cuda_cpp_gexp_s']:.0f} |")
 
 

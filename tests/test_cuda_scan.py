@@ -104,33 +104,38 @@ def test_launch_plan_cuts_whole_tiles_and_launches_summaries_first():
 
 
 RESULTS = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
-SWEEPS = ['h200_infer_scan_v5.json', 'h200_infer_scan_v6.json']  # gpu_infer_scan.py --sweep
+# gpu_infer_scan.py --sweep of the current kernel (v9b: both presets at every batch-filled
+# shape; v9c: 1 x 4097 in 22 / 33 / 44 chunks, rows of the same grid timed alone)
+SWEEPS = ['h200_infer_scan_v9.json', 'h200_infer_scan_v9b.json', 'h200_infer_scan_v9c.json']
 
 
 def measured_plans():
     """{(batch, L): {(preset, n_chunks): ms}} of the presets in the committed H200 sweeps."""
     by_shape = {}
     for name in SWEEPS:
-        for row in json.loads((RESULTS / name).read_text())['sweep']:
+        result = json.loads((RESULTS / name).read_text())
+        rows = [(r['option'], r['ms'], r['batch'], r['L']) for r in result['sweep']]
+        rows += [(r['plan'], r['cuda_cpp_ms'], r['batch'], r['L']) for r in result['timings']]
+        for option, ms, batch, L in rows:  # sweep options, and the auto plans of the timings
             for preset, p in cuda_scan.PRESETS.items():
                 fields = dataclasses.asdict(p.config)
-                if all(row['option'].get(k) == v for k, v in fields.items() if k != 'n_chunks'):
-                    n = row['option'].get('n_chunks') or 1
-                    by_shape.setdefault((row['batch'], row['L']), {})[preset, n] = row['ms']
+                if all(option.get(k, v) == v for k, v in fields.items() if k != 'n_chunks'):
+                    n = option.get('n_chunks') or 1
+                    by_shape.setdefault((batch, L), {})[preset, n] = ms
     return by_shape
 
 
 def test_the_time_model_follows_the_h200_sweep():
     """Preset.predicted_us against every timed preset plan of the sweeps (H200, 132 SMs): within
-    20% where auto_config may choose (one wave, SMs short of full), and it ranks plans alike."""
+    20% where auto_config may choose (up to one full wave of blocks)."""
     within = []
     for (batch, L), plans in measured_plans().items():
         for (preset, n), ms in plans.items():
             p = cuda_scan.PRESETS[preset]
             blocks = batch * -(-384 // p.config.channels) * 2 * n
-            if n == 1 or blocks <= (p.blocks_per_sm - 1) * 132:
+            if n == 1 or blocks <= p.blocks_per_sm * 132:
                 within.append(abs(p.predicted_us(batch, 384, L, n, 132) / 1000 / ms - 1))
-    assert len(within) >= 40 and max(within) < 0.2, (len(within), max(within))
+    assert len(within) >= 35 and max(within) < 0.2, (len(within), max(within))
 
 
 def test_auto_config_picks_a_plan_near_the_fastest_measured():
@@ -154,7 +159,7 @@ def test_auto_config_chunks_only_short_batches_and_never_past_a_wave():
         cfg = auto_config(batch, E, L, 132)
         p = next(p for p in cuda_scan.PRESETS.values() if p.config.channels == cfg.channels)
         blocks = batch * -(-E // cfg.channels) * 2
-        assert cfg.n_chunks > 1 and blocks * cfg.n_chunks <= (p.blocks_per_sm - 1) * 132
+        assert cfg.n_chunks > 1 and blocks * cfg.n_chunks <= p.blocks_per_sm * 132
         assert L / cfg.n_chunks >= 4 * cfg.tile_l  # chunks of several tiles, not slivers
     assert auto_config(1, 384, 5, 132).n_chunks == 1  # too short to cut
     # fewer SMs: fewer chunks for the same problem

@@ -61,15 +61,19 @@ def inputs(batch, L, E, N, R, dtype, seed, x_pad=0):
     return us, xs, z, dirs
 
 
-def emulated(lib, us, xs, z, dirs, cfg):
+def emulated(tmp_path, us, xs, z, dirs, cfg):
+    """Builds the kernels for the config launch_plan fits to these inputs and runs its launches:
+    (output, number of launches, the fitted config)."""
     cfg, out, args, launches = launch_plan(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1], cfg,
                                            sm_count=132)
+    N, R = dirs[0]['A'].shape[1], dirs[0]['dt_proj_w'].shape[1]
+    lib = build(tmp_path, N, R, us[0].dtype, cfg)
     out.fill_(float('nan'))  # every element must be written
     c_args = [ctypes.c_void_p(a.data_ptr()) if torch.is_tensor(a) else ctypes.c_int(a)
               for a in args]
     for name, grid, block in launches:
         lib.run(int(name == 'vim_scan_summary'), *grid, block[0], *c_args)
-    return out, len(launches)
+    return out, len(launches), cfg
 
 
 CASES = [  # (batch, L, E, N, R), dtype, config changes, chunks
@@ -98,10 +102,11 @@ def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, shape, dtype, option
     else:
         cfg, x_pad = dataclasses.replace(DEFAULT_CONFIG, **options), 0
     cfg = dataclasses.replace(cfg, n_chunks=chunks)
-    lib = build(tmp_path, N, R, dtype, cuda_scan.fitted(cfg, N, R))
     us, xs, z, dirs = inputs(batch, L, E, N, R, dtype, seed=sum(shape) + chunks, x_pad=x_pad)
-    out, n_launches = emulated(lib, us, xs, z, dirs, cfg)
+    out, n_launches, launched = emulated(tmp_path, us, xs, z, dirs, cfg)
     assert n_launches == (2 if chunks > 1 else 1)
+    # x_proj rows copied in 16-byte pieces where padded to them (the mixer's), else 8 bytes
+    assert launched.x_piece == (16 if x_pad else 8)
     assert torch.isfinite(out).all()
     got = out[..., :E].float() + out[..., E:].float()
     want = bidirectional_scan_infer_reference(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1])

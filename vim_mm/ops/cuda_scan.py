@@ -12,9 +12,9 @@ carry pass), stages its inputs in shared memory by cp.async, splits a channel's 
 twice per direction, and reads x_proj's output as it is. :func:`auto_config` picks one of two
 presets and the chunk count per shape from a time model fitted to an H200 sweep.
 
-What it measures (H200, benchmarks/README.md "Eighth session", CUDA-graph replays): faster
-than the Triton scan (with its dt_proj GEMMs) at every Vim-Ti shape timed: 1.07x at 2048 px b4,
-1.09x at 224 px b128, 1.45x at 1024 px b16, 2.1x at 1024 px b1, 2.2x at 512 px b32; correct
+What it measures (H200, benchmarks/README.md "Ninth session", CUDA-graph replays): faster
+than the Triton scan (with its dt_proj GEMMs) at every Vim-Ti shape timed: 1.31x at 2048 px b4,
+1.43x at 224 px b128, 1.79x at 1024 px b16, 2.3x at 1024 px b1, 2.75x at 512 px b32; correct
 everywhere checked (bf16 within 3.6e-3, fp16 within 3.5e-4 of the fp32 PyTorch twin).
 
 Forward only, 16-bit token-major activations: what the mixer has under ``torch.no_grad()``
@@ -61,6 +61,9 @@ class InferScanConfig:
     # (both presets use it; False keeps the kernel measured first)
     prep_by_row: bool = False
     n_chunks: int = 1  # chunks per sequence (auto_config plans it per shape)
+    # bytes per cp.async of x_dbl's rows: 16 where the rows are 16-byte aligned and padded to it
+    # (the mixer's are), 8 otherwise (launch_plan decides from the inputs)
+    x_piece: int = 16
 
 
 DEFAULT_CONFIG = InferScanConfig()
@@ -109,15 +112,22 @@ def _rows_aligned(t: torch.Tensor, vec: int) -> bool:
 
 @dataclass(frozen=True)
 class Preset:
-    """A config and the time model :func:`auto_config` plans with, fitted to the H200 sweep
-    (benchmarks/README.md, "Eighth session"): a walk costs, per token, ``block_us`` per block
-    sharing an SM (the SM is the bound) but at least ``latency_us`` (one walk's own speed);
-    ``blocks_per_sm`` blocks fit an SM at once (ptxas: 120-136 registers per thread)."""
+    """A config and the time model :func:`auto_config` plans with, fitted to the H200 sweeps
+    (benchmarks/README.md, "Ninth session"): a walk costs, per token, ``block_us`` per block
+    sharing an SM after the first (:meth:`round_us`), ``latency_us`` for the first, and
+    ``chunked_factor`` times that when chunked (summary + output walks), plus ``launch_us`` per
+    kernel launched; ``blocks_per_sm`` blocks fit an SM at once (registers, shared memory)."""
     config: InferScanConfig
     blocks_per_sm: int
     block_us: float
     latency_us: float
-    chunked_factor: float = 1.66  # a chunked walk (summary + output) against one pass
+    chunked_factor: float
+    launch_us: float
+
+    def round_us(self, k: int) -> float:
+        """Per token, k blocks sharing an SM: one walk's latency, plus ``block_us`` for each
+        further block (more blocks hide latency, so a block costs less than alone)."""
+        return self.latency_us + (k - 1) * self.block_us
 
     def predicted_us(self, batch: int, E: int, L: int, n_chunks: int, sm_count: int) -> float:
         """Modelled kernel time of this preset cutting each sequence into ``n_chunks``."""
@@ -126,21 +136,24 @@ class Preset:
         n_chunks = math.ceil(L / chunk_l)
         blocks = batch * math.ceil(E / self.config.channels) * 2 * n_chunks
         full, rest = divmod(math.ceil(blocks / sm_count), self.blocks_per_sm)
-        per_token = full * max(self.blocks_per_sm * self.block_us, self.latency_us)
-        if rest:
-            per_token += max(rest * self.block_us, self.latency_us)
-        return chunk_l * per_token * (self.chunked_factor if n_chunks > 1 else 1.0)
+        per_token = full * self.round_us(self.blocks_per_sm) + (self.round_us(rest) if rest else 0)
+        if n_chunks == 1:
+            return chunk_l * per_token + self.launch_us
+        return chunk_l * per_token * self.chunked_factor + 2 * self.launch_us
 
 
 # many_blocks: two lanes per channel (8 states per lane, fewer shuffles), the faster one when the
 # batch fills the GPU; few_blocks: 16 channels and 32-token tiles per block, 4 lanes per channel
 # (more, smaller blocks: every SM busy at batch 16 x 4097 tokens, fewer barriers per token).
 PRESETS = dict(
-    many_blocks=Preset(InferScanConfig(channels=64, split=2, tile_l=16, prep_by_row=True),
-                       blocks_per_sm=4, block_us=0.088, latency_us=0.198),
+    many_blocks=Preset(InferScanConfig(channels=64, split=2, tile_l=16, prep_by_row=True,
+                                       min_blocks=4),
+                       blocks_per_sm=4, block_us=0.048, latency_us=0.100, chunked_factor=1.70,
+                       launch_us=6.0),
     few_blocks=Preset(InferScanConfig(channels=16, split=4, tile_l=32, stages=2,
                                       prep_by_row=True),
-                      blocks_per_sm=6, block_us=0.026, latency_us=0.135),
+                      blocks_per_sm=6, block_us=0.010, latency_us=0.070, chunked_factor=1.60,
+                      launch_us=5.0),
 )
 
 
@@ -148,20 +161,20 @@ PRESETS = dict(
 def auto_config(batch: int, E: int, L: int, sm_count: int) -> InferScanConfig:
     """The preset and chunk count of least modelled time (:meth:`Preset.predicted_us`), with
     chunk counts up to what one wave of blocks holds (the range the model was fitted and
-    checked on); a rival must be 3% faster to displace a plainer plan (fewer chunks, earlier
-    preset)."""
-    best = None
+    checked on). Plans within 3% of the least modelled time count as equal, and of those the
+    one with the most threads wins: more resident warps hide more latency than the model sees
+    (the fastest plan of every chunked shape timed fills the wave, h200_infer_scan_v9b)."""
+    plans = []
     for preset in PRESETS.values():
         blocks = batch * math.ceil(E / preset.config.channels) * 2
-        # chunked plans fill SMs to one block short of full: at exactly full (every SM holding
-        # blocks_per_sm) the H200 ran 20-25% slower than modelled (2 x 4097, 4 x 16385)
-        most = max(1, min((preset.blocks_per_sm - 1) * sm_count // blocks,
+        most = max(1, min(preset.blocks_per_sm * sm_count // blocks,
                           L // (4 * preset.config.tile_l)))
-        for n in range(1, most + 1):
-            t = preset.predicted_us(batch, E, L, n, sm_count)
-            if best is None or t < best[0] * 0.97:
-                best = (t, preset, n)
-    return dataclasses.replace(best[1].config, n_chunks=best[2])
+        threads = blocks * preset.config.channels * preset.config.split
+        plans += [(preset.predicted_us(batch, E, L, n, sm_count), threads * n, preset, n)
+                  for n in range(1, most + 1)]
+    fastest = min(t for t, *_ in plans)
+    _, _, preset, n = max((p for p in plans if p[0] <= 1.03 * fastest), key=lambda p: p[1])
+    return dataclasses.replace(preset.config, n_chunks=n)
 
 
 _kernels: dict = {}
@@ -169,11 +182,13 @@ SMEM_LIMIT = 48 * 1024  # static shared memory of one block
 
 
 def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
-    """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, fp32 [B|C|dt] rows,
-    (l, dt u) and (gate, D u gate) per token and channel, the lanes' partial outputs."""
+    """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, fp32 [B|C|dt] rows and
+    (l, dt u) per token and channel (two spare rows each), (gate, D u gate) per token and channel,
+    the lanes' partial outputs."""
     width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
-    return (stages * T * (2 * C + width) * 2 + T * -(-width // 4) * 4 * 4 + 2 * T * C * 8
-            + T * C * cfg.split * 4)
+    staged = -(-width * 2 // cfg.x_piece) * cfg.x_piece // 2  # x_dbl elements staged per row
+    return (stages * T * (2 * C + staged) * 2 + (T + 2) * -(-width // 4) * 4 * 4
+            + (T + 2) * C * 8 + T * C * 8 + T * C * cfg.split * 4)
 
 
 def fitted(cfg: InferScanConfig, d_state: int, dt_rank: int) -> InferScanConfig:
@@ -196,7 +211,7 @@ def source_defines(d_state: int, dt_rank: int, dtype: torch.dtype, cfg: InferSca
     consts = dict(NS=d_state, R=dt_rank, XW=dt_rank + 2 * d_state, CH=cfg.channels,
                   SPLIT=cfg.split, TT=cfg.tile_l, STAGES=cfg.stages,
                   FP16=int(dtype == torch.float16), MIN_BLOCKS=cfg.min_blocks,
-                  PREP_BY_ROW=int(cfg.prep_by_row),
+                  PREP_BY_ROW=int(cfg.prep_by_row), XV=cfg.x_piece,
                   NPOLY=cfg.poly_final if kernel == 'vim_scan_final' else cfg.poly_summary)
     return ''.join(f'#define {k} {v}\n' for k, v in consts.items())
 
@@ -230,7 +245,7 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
                          'layouts, x_* be (batch, L, dt_rank + 2 N) with 8-byte aligned rows')
     if cfg is None:
         cfg = auto_config(batch, E, L, sm_count)
-    cfg = fitted(cfg, d_state, dt_rank)
+    cfg = fitted(dataclasses.replace(cfg, x_piece=x_piece_bytes(x_f, x_b)), d_state, dt_rank)
     if cfg.n_chunks < 1:
         raise ValueError(f'InferScanConfig.n_chunks must be >= 1 (got {cfg.n_chunks})')
     n_chunks = cfg.n_chunks
@@ -250,6 +265,19 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
     if n_chunks > 1:
         launches.insert(0, ('vim_scan_summary', (grid_x, batch, 2 * (n_chunks - 1)), block))
     return cfg, out, args, launches
+
+
+def x_piece_bytes(*xs) -> int:
+    """16 when every x_dbl row can be copied in 16-byte pieces (rows 16-byte aligned and padded
+    in memory to a multiple of 16 bytes, like the mixer's x_proj outputs), else 8."""
+    for x in xs:
+        batch, L, width = x.shape
+        staged = -(-width // 8) * 8
+        last = x.storage_offset() + (batch - 1) * x.stride(0) + (L - 1) * x.stride(1) + staged
+        if not (_rows_aligned(x, 8) and x.stride(1) >= staged
+                and last * x.element_size() <= x.untyped_storage().nbytes()):
+            return 8
+    return 16
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,17 +25,19 @@
 // and vim_scan_final starts every chunk from the combination of the chunks before it in its
 // walk order (a few exps per chunk, not per token).
 //
-// Measured on an H200 (benchmarks/README.md, "Seventh session"): faster than the Triton scan at
-// 32 x 1025 tokens; at 16 x 4097, 974 us of kernel time with the wrapper's defaults (ncu), with
-// shared memory (L1) at 84-90% of its throughput and 31% of its wavefronts bank conflicts:
-// steps 2 and 4 index the tile rows by lane (row stride a multiple of 128 bytes). PREP_BY_ROW=1
-// maps them by row instead; it is checked on the CPU (tests/test_cuda_scan_emulated.py), not
-// yet timed on a GPU.
+// Measured on an H200 (benchmarks/README.md, "Seventh" to "Ninth session", ncu): the seventh
+// session's version was bound by shared memory (steps 2 and 4 indexed tile rows by lane:
+// PREP_BY_ROW=1 maps them by row, conflict-free); the eighth's by latency, ~310 cycles per token
+// and warp, each token waiting for its own shared-memory loads. Since the ninth the walk fetches
+// a token's operands one token ahead, steps 2 and 4 read every row before storing any, and the
+// whole-tile walk has its direction at compile time: 16 x 4097 tokens 0.642 -> 0.519 ms, issue
+// slots 65% busy (the bound is now the instruction count, ~15 per state and token).
 //
 // Compile-time constants (prepended by the wrapper): NS (states), R (dt rank), XW (x_dbl row
 // width, [dt | B | C]), CH (channels per block), SPLIT (lanes per channel: CH * SPLIT threads),
-// TT (tokens per tile), STAGES, FP16 (inputs fp16 instead of bf16), NPOLY, MIN_BLOCKS (blocks
-// per SM the registers must allow), PREP_BY_ROW (below).
+// TT (tokens per tile), STAGES, XV (bytes per copy of an x_dbl row piece), FP16 (inputs fp16
+// instead of bf16), NPOLY, MIN_BLOCKS (blocks per SM the registers must allow), PREP_BY_ROW
+// (below).
 
 typedef unsigned short u16;
 typedef long long i64;
@@ -161,12 +163,18 @@ __device__ __forceinline__ float ex2_fma(float x) {
   return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));  // p * 2^j
 }
 
+// x_dbl rows are copied in XV-byte pieces (16 where the rows are 16-byte aligned and padded, as
+// the mixer makes them; else 8): XWP elements of each row are staged.
+#define XWP ((XW * 2 + XV - 1) / XV * XV / 2)
+
+// Rows of xf and ld are stored one down (row r at index r + 1): the walk fetches the operands of
+// the token after its last, row TT (forward) or -1 (backward), which then exist and are unused.
 struct Tiles {
   u16 u[STAGES][TT][CH];
   u16 z[STAGES][TT][CH];
-  u16 x[STAGES][TT][XW];
-  float xf[TT][XF];          // the tile's [B | C | dt] in fp32, read by every lane
-  float2 ld[TT][CH];         // (log2(1 + e^x), dt u) per token and channel
+  u16 x[STAGES][TT][XWP];
+  float xf[TT + 2][XF];      // the tile's [B | C | dt] in fp32, read by every lane
+  float2 ld[TT + 2][CH];     // (log2(1 + e^x), dt u) per token and channel
   float2 go[TT][CH];         // (gate, D u gate) per token and channel
   float yp[TT][CH][SPLIT];   // the lanes' partial C . h
 };
@@ -196,23 +204,30 @@ __device__ __forceinline__ void issue_tile(Tiles& s, const Walk& w, int k, int s
     cp_async<16>(&s.u[stage][row][col], w.u + (i64)tc * w.su_l + (ok ? col : 0), ok);
     if (FINAL) cp_async<16>(&s.z[stage][row][col], w.z + (i64)tc * w.sz_l + (ok ? col : 0), ok);
   }
-  constexpr int X_CHUNKS = TT * XW / 4;  // 8-byte pieces: x_dbl rows are 8-byte aligned
+  constexpr int PIECE = XV / 2, X_CHUNKS = TT * XWP / PIECE;
   for (int i = threadIdx.x; i < X_CHUNKS; i += NT) {
-    const int row = i / (XW / 4), col = (i % (XW / 4)) * 4;
+    const int row = i / (XWP / PIECE), col = (i % (XWP / PIECE)) * PIECE;
     const int t = t0 + row;
     const bool ok = t >= w.lo && t < w.hi;
-    cp_async<8>(&s.x[stage][row][col], w.xd + (i64)(ok ? t : w.lo) * w.sx_l + col, ok);
+    cp_async<XV>(&s.x[stage][row][col], w.xd + (i64)(ok ? t : w.lo) * w.sx_l + col, ok);
   }
 }
 
 // Step 2: the part of a token that does not depend on the state, for channel c and the tokens
 // r0, r0 + SPLIT, ... of the tile (see PREP_BY_ROW for which thread takes which).
+// r0 < SPLIT, so every thread takes exactly TT / SPLIT rows (a fixed count: unrolled with no exit
+// branches). Written stage by stage over the rows, so each MUFU stage has TT / SPLIT independent
+// operations in flight (row by row, ptxas kept one row's chain at a time: ~150 cycles each).
 template <bool FINAL>
 __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0, const float (&W)[R],
                                         float bias, float D) {
+  constexpr int K = TT / SPLIT;
+  constexpr float LOG2E = 1.4426950408889634f;
+  float x[K], u[K], zz[K], e[K], l[K];
 #pragma unroll
-  for (int r = r0; r < TT; r += SPLIT) {
-    const float* xf = s.xf[r];
+  for (int k = 0; k < K; ++k) {
+    const int r = r0 + k * SPLIT;
+    const float* xf = s.xf[r + 1];
     float x0 = bias, x1 = 0.f, x2 = 0.f;  // three short FMA chains instead of one of length R
 #pragma unroll
     for (int j = 0; j < R; j += 3) {
@@ -220,35 +235,83 @@ __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0, cons
       if (j + 1 < R) x1 = fmaf(W[j + 1], xf[2 * NS + j + 1], x1);
       if (j + 2 < R) x2 = fmaf(W[j + 2], xf[2 * NS + j + 2], x2);
     }
-    const float x = x0 + (x1 + x2);
-    // softplus in base 2: l = log2(1 + e^x), dt = l ln2, and exp(dt A) = 2^(l A)
-    float l = lg2(1.f + ex2(x * 1.4426950408889634f));
-    l = x > 20.f ? x * 1.4426950408889634f : l;
-    const float u = to_f32(s.u[stage][r][c]);
-    s.ld[r][c] = make_float2(l, l * 0.6931471805599453f * u);
-    if (FINAL) {
-      const float zz = to_f32(s.z[stage][r][c]);
-      const float g = 0.5f * zz * rcp(1.f + ex2(-zz * 1.4426950408889634f));
-      s.go[r][c] = make_float2(g, D * u * g);
+    x[k] = x0 + (x1 + x2);
+    u[k] = to_f32(s.u[stage][r][c]);
+    if (FINAL) zz[k] = to_f32(s.z[stage][r][c]);
+  }
+  // softplus in base 2: l = log2(1 + e^x), dt = l ln2, and exp(dt A) = 2^(l A)
+#pragma unroll
+  for (int k = 0; k < K; ++k) e[k] = ex2(x[k] * LOG2E);
+#pragma unroll
+  for (int k = 0; k < K; ++k) l[k] = x[k] > 20.f ? x[k] * LOG2E : lg2(1.f + e[k]);
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    s.ld[r0 + k * SPLIT + 1][c] = make_float2(l[k], l[k] * 0.6931471805599453f * u[k]);
+  if (FINAL) {  // the gate silu(z) / 2 and D u times it
+#pragma unroll
+    for (int k = 0; k < K; ++k) e[k] = ex2(-zz[k] * LOG2E);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const float g = 0.5f * zz[k] * rcp(1.f + e[k]);
+      s.go[r0 + k * SPLIT][c] = make_float2(g, D * u[k] * g);
     }
   }
 }
 
-// Step 3 for one token: this lane's states n = lane * NPT + j.
+// Step 3. A token's operands for this lane, read from the tile one token ahead of their use:
+// the walk's loads of token k + 1 are issued before its store of token k's partial, which the
+// compiler would not move them over (it cannot prove the two shared-memory accesses disjoint),
+// so each token would wait for its own loads (measured: ~310 cycles per token and warp).
+struct Operands {
+  float2 ld;      // (log2 decay per unit A, dt u)
+  float b[NPT];   // this lane's B
+  float c[NPT];   // this lane's C (output walk only)
+};
+
 template <bool FINAL>
-__device__ __forceinline__ void step(Tiles& s, int r, int c, int lane, float (&h)[NPT],
-                                     const float (&A)[NPT], float& dt_sum) {
-  const float* xf = s.xf[r];
-  const float2 ld = s.ld[r][c];
-  float y = 0.f;
+__device__ __forceinline__ void fetch(const Tiles& s, int r, int c, int lane, Operands& o) {
+  const float* xf = s.xf[r + 1];
+  o.ld = s.ld[r + 1][c];
 #pragma unroll
   for (int j = 0; j < NPT; ++j) {
-    const float a = j < NPOLY ? ex2_fma(ld.x * A[j]) : ex2(ld.x * A[j]);
-    h[j] = fmaf(a, h[j], xf[lane * NPT + j] * ld.y);
-    if (FINAL) y = fmaf(xf[NS + lane * NPT + j], h[j], y);
+    o.b[j] = xf[lane * NPT + j];
+    if (FINAL) o.c[j] = xf[NS + lane * NPT + j];
   }
-  if (FINAL) s.yp[r][c][lane] = y;
-  else dt_sum += ld.x;
+}
+
+// One token for this lane's states n = lane * NPT + j; returns its partial C . h (two chains).
+template <bool FINAL>
+__device__ __forceinline__ float advance(const Operands& o, float (&h)[NPT],
+                                         const float (&A)[NPT], float& dt_sum) {
+  float y0 = 0.f, y1 = 0.f;
+#pragma unroll
+  for (int j = 0; j < NPT; ++j) {
+    const float a = j < NPOLY ? ex2_fma(o.ld.x * A[j]) : ex2(o.ld.x * A[j]);
+    h[j] = fmaf(a, h[j], o.b[j] * o.ld.y);
+    if (FINAL) {
+      if (j % 2) y1 = fmaf(o.c[j], h[j], y1);
+      else y0 = fmaf(o.c[j], h[j], y0);
+    }
+  }
+  if (!FINAL) dt_sum += o.ld.x;
+  return y0 + y1;
+}
+
+// Step 3 over a whole tile, operands one token ahead (see Operands); the direction a compile-time
+// constant, so every row address is an immediate offset.
+template <bool FINAL, bool REV>
+__device__ __forceinline__ void walk_tile(Tiles& s, int c, int lane, float (&h)[NPT],
+                                          const float (&A)[NPT], float& dt_sum) {
+  constexpr int r0 = REV ? TT - 1 : 0, dr = REV ? -1 : 1;
+  Operands cur, next;
+  fetch<FINAL>(s, r0, c, lane, cur);
+#pragma unroll 4
+  for (int kk = 0; kk < TT; ++kk) {
+    fetch<FINAL>(s, r0 + (kk + 1) * dr, c, lane, next);
+    const float y = advance<FINAL>(cur, h, A, dt_sum);
+    if (FINAL) s.yp[r0 + kk * dr][c][lane] = y;
+    cur = next;
+  }
 }
 
 template <bool FINAL>
@@ -276,7 +339,7 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
       const int row = i / Q, q = i % Q;
       const int src = q < 2 * NS / 4 ? R / 4 + q : q - 2 * NS / 4;
       const uint2 v = *reinterpret_cast<const uint2*>(&s.x[stage][row][src * 4]);
-      *reinterpret_cast<float4*>(&s.xf[row][q * 4]) =
+      *reinterpret_cast<float4*>(&s.xf[row + 1][q * 4]) =
           make_float4(lo_f32(v.x), hi_f32(v.x), lo_f32(v.y), hi_f32(v.y));
     }
     __syncthreads();
@@ -285,26 +348,39 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
     const int r0 = w.rev ? TT - 1 : 0, dr = w.rev ? -1 : 1;
     const bool whole = t0 >= w.lo && t0 + TT <= w.hi;
-    if (whole) {  // no token checks: tokens interleave
-#pragma unroll 4
-      for (int kk = 0; kk < TT; ++kk) step<FINAL>(s, r0 + kk * dr, c, lane, h, A, dt_sum);
+    if (whole) {  // no token checks
+      if (w.rev) walk_tile<FINAL, true>(s, c, lane, h, A, dt_sum);
+      else walk_tile<FINAL, false>(s, c, lane, h, A, dt_sum);
     } else {
       for (int kk = 0; kk < TT; ++kk) {
         const int r = r0 + kk * dr;
-        if (t0 + r >= w.lo && t0 + r < w.hi) step<FINAL>(s, r, c, lane, h, A, dt_sum);
+        if (t0 + r >= w.lo && t0 + r < w.hi) {
+          Operands o;
+          fetch<FINAL>(s, r, c, lane, o);
+          const float y = advance<FINAL>(o, h, A, dt_sum);
+          if (FINAL) s.yp[r][c][lane] = y;
+        }
       }
     }
-    if (FINAL) {  // step 4
+    if (FINAL) {  // step 4: every row's sum read before any is stored
       PREP_SYNC();
+      constexpr int K = TT / SPLIT;
+      float y[K];
+      float2 go[K];
 #pragma unroll
-      for (int r = pr0; r < TT; r += SPLIT) {
-        const int t = t0 + r;
-        float y = 0.f;
+      for (int k = 0; k < K; ++k) {
+        const int r = pr0 + k * SPLIT;
+        y[k] = 0.f;
 #pragma unroll
-        for (int j = 0; j < SPLIT; ++j) y += s.yp[r][pc][j];
-        const float2 go = s.go[r][pc];
-        if (active && t >= w.lo && t < w.hi)
-          w.out[(i64)t * w.so_l + pc] = from_f32(fmaf(go.x, y, go.y));
+        for (int j = 0; j < SPLIT; ++j) y[k] += s.yp[r][pc][j];
+        go[k] = s.go[r][pc];
+      }
+      u16* out = w.out + (i64)(t0 + pr0) * w.so_l + pc;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int t = t0 + pr0 + k * SPLIT;
+        const u16 v = from_f32(fmaf(go[k].x, y[k], go[k].y));
+        if (active && (whole || (t >= w.lo && t < w.hi))) out[k * SPLIT * w.so_l] = v;
       }
     }
   }
