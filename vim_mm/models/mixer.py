@@ -16,10 +16,6 @@ from ..ops import bimamba_inner_cuda, linear_channel_first, mamba_inner_torch, r
 
 
 class BiMambaMixer(nn.Module):
-    # Inference with the CUDA C++ scan: make u and x_proj's outputs with the one fused Triton
-    # kernel (bidirectional_conv_xproj) instead of the conv kernel + two GEMMs. Off: on the
-    # H200 the fused kernel is still ~2x slower (benchmarks/gpu_conv_xproj.py).
-    fuse_conv_xproj = False
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank='auto', dt_min=1e-3, dt_max=1e-1, dt_init_floor=1e-4,
@@ -95,34 +91,26 @@ class BiMambaMixer(nn.Module):
         scan takes ``x_proj``'s rows reordered to [B, C, dt] and padded to a multiple of 16 so
         that every token's B and C are aligned vectors; the CUDA C++ inference scan (no
         gradients, 16-bit activations: ``vim_mm/ops/cuda_scan.py``) reads x_proj's output as
-        it is (rows padded to 16 bytes) and applies dt_proj itself (``fuse_conv_xproj``: both
-        convs and both x_proj outputs from one Triton kernel there)."""
+        it is (rows padded to 16 bytes, for the GEMM) and applies dt_proj itself."""
         from ..ops.triton_conv import bidirectional_conv, bidirectional_conv_torch
         from ..ops.triton_scan import bidirectional_selective_scan
         N, R = self.d_state, self.dt_rank
         xz = F.linear(hidden_states, self.in_proj.weight)  # (B, L, 2E)
         x, z = xz.chunk(2, dim=-1)
         conv_params = (fwd['conv_w'], fwd['conv_b'], bwd['conv_w'], bwd['conv_b'])
-        inference = not (torch.is_grad_enabled() and any(  # nothing the scan reads needs a grad
-            t.requires_grad for t in (x, *fwd.values(), *bwd.values())))
-        # (x stands for the conv's output u here: same dtype and width, rows as aligned)
-        if inference and self._use_cuda_scan(x, z):
-            from ..ops.cuda_scan import bidirectional_scan_infer
-            from ..ops.triton_conv import bidirectional_conv_xproj, bidirectional_conv_xproj_torch
-            # u, and x_proj's output [dt | B | C] in rows padded to 16 bytes (the GEMM's fast
-            # path; the scan copies them in 16-byte pieces)
-            xproj_ws = (fwd['x_proj_w'], bwd['x_proj_w'])
-            if self.fuse_conv_xproj:
-                u_f, u_b, x_f, x_b = bidirectional_conv_xproj(x, *conv_params, *xproj_ws)
-            else:
-                u_f, u_b, x_f, x_b = bidirectional_conv_xproj_torch(
-                    x, *conv_params, *xproj_ws, conv=bidirectional_conv)
-            y = bidirectional_scan_infer(u_f, x_f, u_b, x_b, z, fwd, bwd)
-            # y = [y_fwd, y_bwd] (gated, halved): out_proj over [W, W] adds the directions
-            return F.linear(y, self.out_proj.weight.repeat(1, 2), self.out_proj.bias)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *conv_params))
         conv = bidirectional_conv_torch if needs_grad else bidirectional_conv
         us = conv(x, *conv_params)
+        inference = not (torch.is_grad_enabled() and any(  # nothing the scan reads needs a grad
+            t.requires_grad for t in (x, *fwd.values(), *bwd.values())))
+        if inference and self._use_cuda_scan(us[0], z):
+            from ..ops.cuda_scan import bidirectional_scan_infer
+            width = R + 2 * N  # x_proj's rows padded to 16 bytes: cuBLAS's fast GEMMs need it
+            x_dbls = [F.linear(u, F.pad(p['x_proj_w'], (0, 0, 0, -width % 8)))[..., :width]
+                      for u, p in zip(us, (fwd, bwd))]  # [dt | B | C]
+            y = bidirectional_scan_infer(us[0], x_dbls[0], us[1], x_dbls[1], z, fwd, bwd)
+            # y = [y_fwd, y_bwd] (gated, halved): out_proj over [W, W] adds the directions
+            return F.linear(y, self.out_proj.weight.repeat(1, 2), self.out_proj.bias)
         pad = -(2 * N + R) % 16
         args = []
         for u, p in zip(us, (fwd, bwd)):
