@@ -142,7 +142,8 @@ def triton_args(us, xs, z, dirs):
 
 class other_source:
     """Within the block, the CUDA C++ scan compiles ``path`` instead of the tree's kernel source
-    (a same-call A/B: the GPU's speed varies between calls by more than many changes gain)."""
+    (a same-call A/B: the GPU's speed varies between calls by more than many changes gain).
+    Keeps the kernels it compiled (``compiled``) for graphs recorded inside the block."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -153,6 +154,7 @@ class other_source:
         cuda_scan._kernels.clear()
 
     def __exit__(self, *exc):
+        self.compiled = dict(cuda_scan._kernels)
         cuda_scan.SOURCE = self.saved[0]
         cuda_scan._kernels.clear()
         cuda_scan._kernels.update(self.saved[1])
@@ -183,8 +185,10 @@ def timings(batch, L, E=384, N=16, R=12, dtype=torch.bfloat16, cfg=None,
     with torch.no_grad():
         fns = dict(cuda_cpp=lambda: ours(us, xs, z, dirs, cfg))
         if ab_source:
-            with other_source(ab_source):  # compiled and recorded now, replayed below
-                fns['cuda_cpp_ab'] = capture_cuda_graph(lambda: ours(us, xs, z, dirs, cfg))[0]
+            ab = other_source(ab_source)
+            with ab:  # compiled and recorded now, replayed below (the lambda keeps ab's kernels)
+                replay = capture_cuda_graph(lambda: ours(us, xs, z, dirs, cfg))[0]
+            fns['cuda_cpp_ab'] = lambda: (ab, replay())
         if not only_ours:
             fns['triton'] = triton_path
         if selective_scan_fn is not None and not only_ours:

@@ -13,8 +13,8 @@ twice per direction, and reads x_proj's output as it is. :func:`auto_config` pic
 presets and the chunk count per shape from a time model fitted to an H200 sweep.
 
 What it measures (H200, benchmarks/README.md "Ninth session", CUDA-graph replays): faster
-than the Triton scan (with its dt_proj GEMMs) at every Vim-Ti shape timed: 1.31x at 2048 px b4,
-1.43x at 224 px b128, 1.79x at 1024 px b16, 2.3x at 1024 px b1, 2.75x at 512 px b32; correct
+than the Triton scan (with its dt_proj GEMMs) at every Vim-Ti shape timed: 1.28x at 2048 px b4,
+1.43x at 224 px b128, 1.79x at 1024 px b16, 2.4x at 1024 px b1, 2.74x at 512 px b32; correct
 everywhere checked (bf16 within 3.6e-3, fp16 within 3.5e-4 of the fp32 PyTorch twin).
 
 Forward only, 16-bit token-major activations: what the mixer has under ``torch.no_grad()``
