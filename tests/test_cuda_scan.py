@@ -116,7 +116,9 @@ def measured_plans():
         result = json.loads((RESULTS / name).read_text())
         rows = [(r['option'], r['ms'], r['batch'], r['L']) for r in result['sweep']]
         rows += [(r['plan'], r['cuda_cpp_ms'], r['batch'], r['L']) for r in result['timings']]
-        for option, ms, batch, L in rows:  # sweep options, and the auto plans of the timings
+        # sweep options, and the auto plans of the timings (these list only the fields that
+        # shape the launch: the others are taken as the preset's)
+        for option, ms, batch, L in rows:
             for preset, p in cuda_scan.PRESETS.items():
                 fields = dataclasses.asdict(p.config)
                 if all(option.get(k, v) == v for k, v in fields.items() if k != 'n_chunks'):
@@ -191,3 +193,17 @@ def test_inputs_the_kernel_cannot_take_are_named():
     assert 'token-major' in cuda_scan.layout_problem(channel_major, z, 16, 12)
     shifted = xz[..., 4:388]  # rows start 8 bytes off a 16-byte boundary
     assert 'aligned' in cuda_scan.layout_problem(shifted, z, 16, 12)
+
+
+def test_x_dbl_rows_are_copied_in_16_bytes_only_where_aligned_and_padded():
+    """The kernel's 16-byte copies read whole 16-byte pieces of a row: only where rows start on
+    16 bytes and memory holds the padding up to it, including after the last row."""
+    bf16 = dict(dtype=torch.bfloat16)
+    padded = torch.zeros(2, 7, 48, **bf16)
+    assert cuda_scan.x_piece_bytes(padded[..., :44]) == 16  # the mixer's x_proj output
+    assert cuda_scan.x_piece_bytes(torch.zeros(2, 7, 44, **bf16)) == 8  # 88-byte rows
+    short = torch.zeros(2 * 7 * 48 - 4, **bf16)  # storage ends after the last row's element 44
+    cut = short.as_strided((2, 7, 44), (7 * 48, 48, 1))
+    assert cuda_scan.x_piece_bytes(cut) == 8
+    assert cuda_scan.x_piece_bytes(padded[..., :44], torch.zeros(2, 7, 44, **bf16)) == 8
+    assert cuda_scan.staged_width(44, 16) == 48 and cuda_scan.staged_width(44, 8) == 44

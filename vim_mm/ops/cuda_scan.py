@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 __all__ = ['InferScanConfig', 'infer_scan_choice', 'cuda_scan_applies', 'layout_problem',
-           'Preset', 'PRESETS', 'auto_config', 'fitted', 'shared_bytes',
+           'Preset', 'PRESETS', 'auto_config', 'fitted', 'staged_width', 'shared_bytes',
+           'x_piece_bytes',
            'launch_plan', 'bidirectional_scan_infer', 'bidirectional_scan_infer_reference']
 
 SOURCE = Path(__file__).with_name('csrc') / 'bimamba_scan_fwd.cu'
@@ -181,12 +182,17 @@ _kernels: dict = {}
 SMEM_LIMIT = 48 * 1024  # static shared memory of one block
 
 
+def staged_width(width: int, piece_bytes: int) -> int:
+    """x_dbl elements (16-bit) the kernel stages per row: ``width`` rounded up to whole pieces."""
+    return -(-width * 2 // piece_bytes) * piece_bytes // 2
+
+
 def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
     """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, fp32 [B|C|dt] rows and
     (l, dt u) per token and channel (two spare rows each), (gate, D u gate) per token and channel,
     the lanes' partial outputs."""
     width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
-    staged = -(-width * 2 // cfg.x_piece) * cfg.x_piece // 2  # x_dbl elements staged per row
+    staged = staged_width(width, cfg.x_piece)
     return (stages * T * (2 * C + staged) * 2 + (T + 2) * -(-width // 4) * 4 * 4
             + (T + 2) * C * 8 + T * C * 8 + T * C * cfg.split * 4)
 
@@ -272,7 +278,7 @@ def x_piece_bytes(*xs) -> int:
     in memory to a multiple of 16 bytes, like the mixer's x_proj outputs), else 8."""
     for x in xs:
         batch, L, width = x.shape
-        staged = -(-width // 8) * 8
+        staged = staged_width(width, 16)
         last = x.storage_offset() + (batch - 1) * x.stride(0) + (L - 1) * x.stride(1) + staged
         if not (_rows_aligned(x, 8) and x.stride(1) >= staged
                 and last * x.element_size() <= x.untyped_storage().nbytes()):

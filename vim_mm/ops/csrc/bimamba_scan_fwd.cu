@@ -217,7 +217,7 @@ __device__ __forceinline__ void issue_tile(Tiles& s, const Walk& w, int k, int s
 // r0, r0 + SPLIT, ... of the tile (see PREP_BY_ROW for which thread takes which).
 // r0 < SPLIT, so every thread takes exactly TT / SPLIT rows (a fixed count: unrolled with no exit
 // branches). Written stage by stage over the rows, so each MUFU stage has TT / SPLIT independent
-// operations in flight (row by row, ptxas kept one row's chain at a time: ~150 cycles each).
+// operations in flight (written row by row, the SASS ran one row's dependent chain at a time).
 template <bool FINAL>
 __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0, const float (&W)[R],
                                         float bias, float D) {
