@@ -184,11 +184,13 @@ def timings(batch, L, E=384, N=16, R=12, dtype=torch.bfloat16, cfg=None,
 
     with torch.no_grad():
         fns = dict(cuda_cpp=lambda: ours(us, xs, z, dirs, cfg))
-        if ab_source:
-            ab = other_source(ab_source)
+        sources = [ab_source] if isinstance(ab_source, (str, Path)) else list(ab_source or ())
+        for i, path in enumerate(sources):
+            ab = other_source(path)
             with ab:  # compiled and recorded now, replayed below (the lambda keeps ab's kernels)
                 replay = capture_cuda_graph(lambda: ours(us, xs, z, dirs, cfg))[0]
-            fns['cuda_cpp_ab'] = lambda: (ab, replay())
+            fns['cuda_cpp_ab' + (str(i + 1) if i else '')] = (
+                lambda ab=ab, replay=replay: (ab, replay()))
         if not only_ours:
             fns['triton'] = triton_path
         if selective_scan_fn is not None and not only_ours:
@@ -200,7 +202,7 @@ def timings(batch, L, E=384, N=16, R=12, dtype=torch.bfloat16, cfg=None,
         for name, fn in fns.items():
             # replays of a CUDA graph of the op: GPU time only (do_bench records its start event
             # before the Python of the op runs, so host overhead would count otherwise)
-            graph = fn if name == 'cuda_cpp_ab' else capture_cuda_graph(fn)[0]
+            graph = fn if name.startswith('cuda_cpp_ab') else capture_cuda_graph(fn)[0]
             ms = do_bench(graph, warmup=25, rep=200, return_mode='median')
             row[name + '_ms'] = ms
             row[name + '_gexp_s'] = exps / ms / 1e6
@@ -239,8 +241,11 @@ def main():
     parser.add_argument('--no-check', action='store_true')
     parser.add_argument('--once', help='BxL: run the kernel once on Vim-Ti inputs (for ncu)')
     parser.add_argument('--config', default='{}', help='InferScanConfig fields as JSON (--once)')
-    parser.add_argument('--ab', help='another bimamba_scan_fwd.cu, timed in the same call '
-                                     '(column cuda_cpp_ab_ms)')
+    parser.add_argument('--ab', nargs='*', default=(),
+                        help='other bimamba_scan_fwd.cu sources, timed in the same call '
+                             '(columns cuda_cpp_ab_ms, cuda_cpp_ab2_ms, ...)')
+    parser.add_argument('--only-ours', action='store_true',
+                        help='time the CUDA C++ scan(s) only (no Triton / mamba-ssm columns)')
     args = parser.parse_args()
     if args.once:
         batch, L = map(int, args.once.split('x'))
@@ -272,7 +277,7 @@ def main():
         torch.cuda.empty_cache()
     result['timings'] = []
     for batch, L in TIMED:
-        result['timings'].append(timings(batch, L, ab_source=args.ab))
+        result['timings'].append(timings(batch, L, ab_source=args.ab, only_ours=args.only_ours))
         print(json.dumps(result['timings'][-1]), flush=True)
     if args.sweep:
         sweep = []
@@ -305,7 +310,7 @@ def main():
     print('\n| B x L | cuda C++ ms | --ab source ms | triton ms | mamba-ssm x2 ms | C++ Gexp/s |')
     for r in result['timings']:
         print(f"| {r['batch']}x{r['L']} | {r['cuda_cpp_ms']:.3f} | "
-              f"{r.get('cuda_cpp_ab_ms', float('nan')):.3f} | {r['triton_ms']:.3f} | "
+              f"{r.get('cuda_cpp_ab_ms', float('nan')):.3f} | {r.get('triton_ms', float('nan')):.3f} | "
               f"{r.get('mamba_ssm_x2_ms', float('nan')):.3f} | {r['cuda_cpp_gexp_s']:.0f} |")
 
 

@@ -102,7 +102,16 @@ def layout_problem(u, z, d_state: int, dt_rank: int) -> str | None:
     for t in (u, z):
         if not _rows_aligned(t, 8):
             return 'needs token-major activations with 16-byte aligned rows'
+    if not _offsets_fit(u.shape[1], u, z):
+        return 'needs offsets within a batch row below 2^31 elements (32-bit in the kernel)'
     return None
+
+
+def _offsets_fit(L: int, *ts) -> bool:
+    """Whether every token offset within a batch row of these (batch, L, X) tensors, and of the
+    (batch, L, 2E) output, fits the kernel's 32-bit arithmetic."""
+    widest = max([t.stride(1) for t in ts] + [2 * ts[0].shape[-1]])
+    return L * widest < 2 ** 31
 
 
 def _rows_aligned(t: torch.Tensor, vec: int) -> bool:
@@ -188,12 +197,12 @@ def staged_width(width: int, piece_bytes: int) -> int:
 
 
 def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
-    """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, fp32 [B|C|dt] rows and
+    """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, their fp32 rows and
     (l, dt u) per token and channel (two spare rows each), (gate, D u gate) per token and channel,
     the lanes' partial outputs."""
     width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
     staged = staged_width(width, cfg.x_piece)
-    return (stages * T * (2 * C + staged) * 2 + (T + 2) * -(-width // 4) * 4 * 4
+    return (stages * T * (2 * C + staged) * 2 + (T + 2) * staged * 4
             + (T + 2) * C * 8 + T * C * 8 + T * C * cfg.split * 4)
 
 
@@ -249,6 +258,9 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
             _rows_aligned(t, 4) for t in (x_f, x_b)) or x_f.shape[-1] != dt_rank + 2 * d_state:
         raise ValueError('bidirectional_scan_infer: u_f/u_b and x_f/x_b must share their '
                          'layouts, x_* be (batch, L, dt_rank + 2 N) with 8-byte aligned rows')
+    if not _offsets_fit(L, u_f, x_f, z):
+        raise ValueError('bidirectional_scan_infer: a batch row spans 2^31 elements or more; '
+                         'the kernel addresses within a row in 32 bits (split the batch row)')
     if cfg is None:
         cfg = auto_config(batch, E, L, sm_count)
     cfg = fitted(dataclasses.replace(cfg, x_piece=x_piece_bytes(x_f, x_b)), d_state, dt_rank)

@@ -31,7 +31,9 @@
 // and warp, each token waiting for its own shared-memory loads. Since the ninth the walk fetches
 // a token's operands one token ahead, steps 2 and 4 read every row before storing any, and the
 // whole-tile walk has its direction at compile time: 16 x 4097 tokens 0.642 -> 0.519 ms, issue
-// slots 65% busy (the bound is now the instruction count, ~15 per state and token).
+// slots 65% busy (the bound is now the instruction count, ~15 per state and token). The tenth
+// session's (v11) copies and converts tiles with per-thread pieces fixed at compile time and
+// 32-bit offsets: ~1690 -> ~1520 instructions per tile and warp, 16 x 4097 0.518 -> 0.480 ms.
 //
 // Compile-time constants (prepended by the wrapper): NS (states), R (dt rank), XW (x_dbl row
 // width, [dt | B | C]), CH (channels per block), SPLIT (lanes per channel: CH * SPLIT threads),
@@ -42,7 +44,13 @@
 typedef unsigned short u16;
 typedef long long i64;
 
-#define XF (((2 * NS + R) + 3) / 4 * 4)  // fp32 row of a tile: [B | C | dt | pad]
+// x_dbl rows are copied in XV-byte pieces (16 where the rows are 16-byte aligned and padded, as
+// the mixer makes them; else 8): XWP elements of each row are staged. The fp32 copy of a tile
+// keeps the same row layout, [dt | B | C | pad], so converting it is one flat pass.
+#define XWP ((XW * 2 + XV - 1) / XV * XV / 2)
+#define XF XWP                            // fp32 row of a tile
+#define XB R                              // where B starts in a row
+#define XC (R + NS)                       // where C starts
 #define NT (CH * SPLIT)                   // threads per block
 #define NPT (NS / SPLIT)                  // states per lane
 // Steps 2 and 4 handle (token row, channel) pairs. PREP_BY_ROW=0: thread (c, lane) of the walk
@@ -163,17 +171,13 @@ __device__ __forceinline__ float ex2_fma(float x) {
   return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));  // p * 2^j
 }
 
-// x_dbl rows are copied in XV-byte pieces (16 where the rows are 16-byte aligned and padded, as
-// the mixer makes them; else 8): XWP elements of each row are staged.
-#define XWP ((XW * 2 + XV - 1) / XV * XV / 2)
-
 // Rows of xf and ld are stored one down (row r at index r + 1): the walk fetches the operands of
 // the token after its last, row TT (forward) or -1 (backward), which then exist and are unused.
 struct Tiles {
   u16 u[STAGES][TT][CH];
   u16 z[STAGES][TT][CH];
   u16 x[STAGES][TT][XWP];
-  float xf[TT + 2][XF];      // the tile's [B | C | dt] in fp32, read by every lane
+  float xf[TT + 2][XF];      // the tile's [dt | B | C] in fp32, read by every lane
   float2 ld[TT + 2][CH];     // (log2(1 + e^x), dt u) per token and channel
   float2 go[TT][CH];         // (gate, D u gate) per token and channel
   float yp[TT][CH][SPLIT];   // the lanes' partial C . h
@@ -191,25 +195,37 @@ struct Walk {
   int e0, E;
 };
 
-template <bool FINAL>
+// Copies tile k of the walk, [t0, t0 + TT), into stage `stage` (cp.async; tokens outside
+// [lo, hi) zero-filled). Each thread's pieces are fixed by its index with compile-time trip
+// counts, and a staged row is a whole number of pieces, so piece i lands at byte i * size of
+// its stage (the ninth session's loops computed row, column and bounds per piece: ~190
+// instructions per tile and thread, as many as 7 tokens of the walk). Offsets within a batch
+// row are 32-bit (launch_plan checks that they fit). WHOLE: every token of the tile is in
+// [lo, hi) (all but a chunk's last tile), no token checks.
+template <bool FINAL, bool WHOLE>
 __device__ __forceinline__ void issue_tile(Tiles& s, const Walk& w, int k, int stage) {
-  // tile k of the walk covers [t0, t0 + TT); tokens outside [lo, hi) are zero-filled
   const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
-  constexpr int U_CHUNKS = TT * CH / 8;  // 16-byte pieces of a (TT, CH) 16-bit tile
-  for (int i = threadIdx.x; i < U_CHUNKS; i += NT) {
-    const int row = i / (CH / 8), col = (i % (CH / 8)) * 8;
-    const int t = t0 + row;
-    const bool ok = t >= w.lo && t < w.hi && w.e0 + col < w.E;
-    const int tc = ok ? t : w.lo;
-    cp_async<16>(&s.u[stage][row][col], w.u + (i64)tc * w.su_l + (ok ? col : 0), ok);
-    if (FINAL) cp_async<16>(&s.z[stage][row][col], w.z + (i64)tc * w.sz_l + (ok ? col : 0), ok);
+  constexpr int UPR = CH / 8;              // 16-byte pieces per row of a (TT, CH) 16-bit tile
+  constexpr int U_PIECES = TT * UPR, U_ROWS_PER_PASS = NT / UPR;
+  const int ucol = (threadIdx.x % UPR) * 8;
+  const bool chan_ok = w.e0 + ucol < w.E;
+#pragma unroll
+  for (int j = 0; j < (U_PIECES + NT - 1) / NT; ++j) {
+    const int i = threadIdx.x + j * NT;
+    if (U_PIECES % NT != 0 && i >= U_PIECES) break;
+    const int row = threadIdx.x / UPR + j * U_ROWS_PER_PASS, t = t0 + row;
+    const bool ok = chan_ok && (WHOLE || (t >= w.lo && t < w.hi));
+    cp_async<16>(&s.u[stage][0][0] + i * 8, w.u + (ok ? t * w.su_l + ucol : 0), ok);
+    if (FINAL) cp_async<16>(&s.z[stage][0][0] + i * 8, w.z + (ok ? t * w.sz_l + ucol : 0), ok);
   }
-  constexpr int PIECE = XV / 2, X_CHUNKS = TT * XWP / PIECE;
-  for (int i = threadIdx.x; i < X_CHUNKS; i += NT) {
-    const int row = i / (XWP / PIECE), col = (i % (XWP / PIECE)) * PIECE;
-    const int t = t0 + row;
-    const bool ok = t >= w.lo && t < w.hi;
-    cp_async<XV>(&s.x[stage][row][col], w.xd + (i64)(ok ? t : w.lo) * w.sx_l + col, ok);
+  constexpr int PIECE = XV / 2, PPR = XWP / PIECE, X_PIECES = TT * PPR;
+#pragma unroll
+  for (int j = 0; j < (X_PIECES + NT - 1) / NT; ++j) {
+    const int i = threadIdx.x + j * NT;
+    if (X_PIECES % NT != 0 && i >= X_PIECES) break;
+    const int row = i / PPR, col = (i - row * PPR) * PIECE, t = t0 + row;
+    const bool ok = WHOLE || (t >= w.lo && t < w.hi);
+    cp_async<XV>(&s.x[stage][0][0] + i * PIECE, w.xd + (ok ? t * w.sx_l + col : 0), ok);
   }
 }
 
@@ -231,9 +247,9 @@ __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0, cons
     float x0 = bias, x1 = 0.f, x2 = 0.f;  // three short FMA chains instead of one of length R
 #pragma unroll
     for (int j = 0; j < R; j += 3) {
-      x0 = fmaf(W[j], xf[2 * NS + j], x0);
-      if (j + 1 < R) x1 = fmaf(W[j + 1], xf[2 * NS + j + 1], x1);
-      if (j + 2 < R) x2 = fmaf(W[j + 2], xf[2 * NS + j + 2], x2);
+      x0 = fmaf(W[j], xf[j], x0);
+      if (j + 1 < R) x1 = fmaf(W[j + 1], xf[j + 1], x1);
+      if (j + 2 < R) x2 = fmaf(W[j + 2], xf[j + 2], x2);
     }
     x[k] = x0 + (x1 + x2);
     u[k] = to_f32(s.u[stage][r][c]);
@@ -274,8 +290,8 @@ __device__ __forceinline__ void fetch(const Tiles& s, int r, int c, int lane, Op
   o.ld = s.ld[r + 1][c];
 #pragma unroll
   for (int j = 0; j < NPT; ++j) {
-    o.b[j] = xf[lane * NPT + j];
-    if (FINAL) o.c[j] = xf[NS + lane * NPT + j];
+    o.b[j] = xf[XB + lane * NPT + j];
+    if (FINAL) o.c[j] = xf[XC + lane * NPT + j];
   }
 }
 
@@ -295,6 +311,23 @@ __device__ __forceinline__ float advance(const Operands& o, float (&h)[NPT],
   }
   if (!FINAL) dt_sum += o.ld.x;
   return y0 + y1;
+}
+
+// Step 4's sum of a (token, channel)'s SPLIT partials, read as one vector (the row of SPLIT
+// floats is 4 * SPLIT-byte aligned: every member of Tiles before yp is a multiple of 16 bytes).
+__device__ __forceinline__ float sum_partials(const float (&p)[SPLIT]) {
+  if (SPLIT == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    return (v.x + v.y) + (v.z + v.w);
+  }
+  if (SPLIT == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    return v.x + v.y;
+  }
+  float y = 0.f;
+#pragma unroll
+  for (int j = 0; j < SPLIT; ++j) y += p[j];
+  return y;
 }
 
 // Step 3 over a whole tile, operands one token ahead (see Operands); the direction a compile-time
@@ -323,24 +356,28 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
   const bool active = w.e0 + pc < w.E;
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
-    if (k < n_tiles) issue_tile<FINAL>(s, w, k, k);
+    if (k < n_tiles) issue_tile<FINAL, false>(s, w, k, k);
     cp_async_commit();
   }
   for (int k = 0; k < n_tiles; ++k) {
     const int stage = k % STAGES;
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile k is in; every thread is done with tile k - 1
-    if (k + STAGES - 1 < n_tiles)
-      issue_tile<FINAL>(s, w, k + STAGES - 1, (k + STAGES - 1) % STAGES);
+    const int kn = k + STAGES - 1;  // the tile issued now; all but the chunk's last are whole
+    if (kn < n_tiles - 1) issue_tile<FINAL, true>(s, w, kn, kn % STAGES);
+    else if (kn == n_tiles - 1) issue_tile<FINAL, false>(s, w, kn, kn % STAGES);
     cp_async_commit();
-    // [dt|B|C] -> fp32 [B|C|dt], four values at a time (NS and R are multiples of 4)
-    constexpr int Q = (2 * NS + R) / 4;
-    for (int i = threadIdx.x; i < TT * Q; i += NT) {
-      const int row = i / Q, q = i % Q;
-      const int src = q < 2 * NS / 4 ? R / 4 + q : q - 2 * NS / 4;
-      const uint2 v = *reinterpret_cast<const uint2*>(&s.x[stage][row][src * 4]);
-      *reinterpret_cast<float4*>(&s.xf[row + 1][q * 4]) =
-          make_float4(lo_f32(v.x), hi_f32(v.x), lo_f32(v.y), hi_f32(v.y));
+    {  // the tile's x_dbl rows in fp32: one flat pass, four values at a time
+      constexpr int QN = TT * XWP / 4;
+      const uint2* src = reinterpret_cast<const uint2*>(&s.x[stage][0][0]);
+      float4* dst = reinterpret_cast<float4*>(&s.xf[1][0]);
+#pragma unroll
+      for (int j = 0; j < (QN + NT - 1) / NT; ++j) {
+        const int i = threadIdx.x + j * NT;
+        if (QN % NT != 0 && i >= QN) break;
+        const uint2 v = src[i];
+        dst[i] = make_float4(lo_f32(v.x), hi_f32(v.x), lo_f32(v.y), hi_f32(v.y));
+      }
     }
     __syncthreads();
     prepare<FINAL>(s, stage, pc, pr0, W, bias, D);
@@ -370,17 +407,16 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const int r = pr0 + k * SPLIT;
-        y[k] = 0.f;
-#pragma unroll
-        for (int j = 0; j < SPLIT; ++j) y[k] += s.yp[r][pc][j];
+        y[k] = sum_partials(s.yp[r][pc]);
         go[k] = s.go[r][pc];
       }
-      u16* out = w.out + (i64)(t0 + pr0) * w.so_l + pc;
+      u16* out = w.out + (t0 + pr0) * w.so_l + pc;  // 32-bit offsets: fewer instructions
+      const int step = SPLIT * w.so_l;
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
+      for (int k = 0; k < K; ++k, out += step) {
         const int t = t0 + pr0 + k * SPLIT;
         const u16 v = from_f32(fmaf(go[k].x, y[k], go[k].y));
-        if (active && (whole || (t >= w.lo && t < w.hi))) out[k * SPLIT * w.so_l] = v;
+        if (active && (whole || (t >= w.lo && t < w.hi))) *out = v;
       }
     }
   }
