@@ -5,25 +5,16 @@ spanning several tiles), a length that is not a multiple of the tile, a channel 
 not a multiple of the channel block, N not a power of two, batch 1, a backward split over
 channels, and strided B/C/delta views laid out as the Vim mixer produces them.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-# Triton binds its functions (its own standard library included) to the interpreter when they
-# are defined, so the flag must be set before triton is first imported in this process.
-ON_CPU = not torch.cuda.is_available()
-STALE_TRITON = ON_CPU and 'triton' in sys.modules and os.environ.get('TRITON_INTERPRET') != '1'
-if ON_CPU:
-    os.environ['TRITON_INTERPRET'] = '1'
+# before triton is imported: decides whether its interpreter is on in this process
+from _triton_interpreter import ON_CPU, STALE_TRITON, run_here, run_in_fresh_process
+
 pytest.importorskip('triton')
 
 import vim_mm.ops.triton_scan as triton_scan  # noqa: E402
 
-run_here = pytest.mark.skipif(STALE_TRITON, reason='triton was imported without the '
-                                'interpreter; test_in_fresh_process runs this file instead')
 
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'bias')
 
@@ -200,7 +191,4 @@ def test_bidirectional_conv_is_vims_flipped_causal_conv(batch, L, E, block_l, bl
 @pytest.mark.skipif(not STALE_TRITON, reason='this process already runs the tests directly')
 def test_in_fresh_process():
     """Another test module imported triton first: run this file where the interpreter is on."""
-    env = dict(os.environ, TRITON_INTERPRET='1')
-    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-                             __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_in_fresh_process(__file__)
