@@ -11,6 +11,7 @@ address) while the cache, signature, fallback and re-recording logic run for rea
 import copy
 import pickle
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -343,3 +344,297 @@ def test_recording_turns_the_autocast_weight_cache_off():
     with uncached_autocast('cpu'):
         assert not torch.is_autocast_enabled('cpu')  # no autocast stays no autocast
         assert torch.nn.functional.linear(x, weight).dtype == torch.float32
+
+
+# ------------------------------------------ the mixers' inference weight caches and replays
+class AddressGraphs(FakeGraphs):
+    """``capture`` whose replays read the mixers' cached inference weights as a CUDA graph
+    does: the very tensors handed out while recording (by address: no Python refreshes them at
+    a replay), the parameters as they are now. Each replay notes how many of those cached
+    tensors were stale (differ from the parameters' current derivation) or freed (no longer
+    the mixer's cache: re-allocated since)."""
+
+    def __init__(self):
+        super().__init__()
+        self.replays = self.stale = self.freed = 0
+
+    def __call__(self, fn, static_input):
+        from vim_mm.models.mixer import BiMambaMixer
+        self.recorded += 1
+        real, read = BiMambaMixer._inference_weights, {}
+
+        def recording(mixer, device, dtype, force=False):
+            read[mixer, device, dtype] = weights = real(mixer, device, dtype, force)
+            return weights
+
+        def by_address(mixer, device, dtype, force=False):
+            return read[mixer, device, dtype]  # KeyError: a tensor the graph never recorded
+        with mock.patch.object(BiMambaMixer, '_inference_weights', recording):
+            outputs = fn(static_input)
+
+        def replay():
+            self.replays += 1
+            with torch.no_grad():
+                for (mixer, device, dtype), weights in read.items():
+                    entry = mixer._weight_cache.entries.get((device, dtype))
+                    self.freed += entry is None or entry[1] is not weights
+                    fresh = mixer._derive_weights(dtype)
+                    self.stale += sum(not torch.equal(a, b)
+                                      for a, b in zip(weights.tensors(), fresh.tensors()))
+            with mock.patch.object(BiMambaMixer, '_inference_weights', by_address):
+                for out, new in zip(outputs, fn(static_input)):
+                    out.copy_(new)
+        return replay, outputs
+
+
+@pytest.fixture
+def cpp_branch(monkeypatch):
+    """The backbone's mixers take the C++-scan branch of ``forward_triton`` for no-grad
+    calls on the CPU (the branch that reads the cache), with PyTorch stand-ins for the conv
+    and the scan; calls that need gradients take the PyTorch path."""
+    from vim_mm.models.mixer import BiMambaMixer
+    from vim_mm.ops import cuda_scan, triton_conv
+
+    def scan(u_f, x_f, u_b, x_b, z, fwd, bwd):
+        y = cuda_scan.bidirectional_scan_infer_reference(u_f, x_f, u_b, x_b, z, fwd, bwd)
+        return torch.cat([y, y / 3], dim=-1).to(u_f.dtype)
+    monkeypatch.setattr('vim_mm.models.mixer.resolve_backend',
+                        lambda backend, device_type, needs_grad=True:
+                        'torch' if needs_grad else 'triton')
+    monkeypatch.setattr(triton_conv, 'bidirectional_conv', triton_conv.bidirectional_conv_torch)
+    monkeypatch.setattr(BiMambaMixer, '_use_cuda_scan', lambda self, u, z: True)
+    monkeypatch.setattr(cuda_scan, 'bidirectional_scan_infer', scan)
+
+
+def address_graphed_model(monkeypatch):
+    model, _ = graphed_model(monkeypatch)
+    model._graphs.capture = fake = AddressGraphs()
+    return model, fake
+
+
+def cached_weights(model):
+    """{mixer: its one cached InferenceWeights} (these tests use one compute dtype)."""
+    caches = {}
+    for mixer in model._mixers():
+        (entry,) = mixer._weight_cache.entries.values()
+        caches[mixer] = entry[1]
+    return caches
+
+
+def assert_current(model, caches):
+    """The mixers still hold ``caches`` (same objects, same storages) and they equal the
+    parameters' current derivation."""
+    now = cached_weights(model)
+    assert now.keys() == caches.keys()
+    with torch.no_grad():
+        for mixer, (weights, pointers) in caches.items():
+            assert now[mixer] is weights
+            assert [t.data_ptr() for t in weights.tensors()] == pointers
+            fresh = mixer._derive_weights(weights.in_proj.dtype)
+            for a, b in zip(weights.tensors(), fresh.tensors()):
+                assert torch.equal(a, b)
+
+
+def with_pointers(caches):
+    return {m: (w, [t.data_ptr() for t in w.tensors()]) for m, w in caches.items()}
+
+
+def update_add(model):
+    with torch.no_grad():
+        for mixer in model._mixers():
+            mixer.x_proj.weight.add_(1)
+            mixer.A_b_log.add_(0.5)
+
+
+def update_optimizer_step(model):
+    """An eager step in eval mode (no train()/eval() call that could refresh on its own)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss_of(model._forward(torch.randn(2, 3, 32, 32))).backward()
+    opt.step()
+
+
+def update_load_state_dict(model):
+    torch.manual_seed(1)
+    model.load_state_dict(VisionMamba('demo', out_indices=(1, 3)).state_dict())
+
+
+@pytest.mark.parametrize('update', [update_add, update_optimizer_step, update_load_state_dict])
+def test_replays_read_weight_caches_refreshed_in_place(cpp_branch, monkeypatch, update):
+    """Inference graphs recorded, the parameters updated in place, replayed: the caches the
+    graph reads were refilled before the replay (same tensors, current values)."""
+    model, fake = address_graphed_model(monkeypatch)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        first = model(x)  # records: the caches are filled
+    caches = with_pointers(cached_weights(model))
+    update(model)
+    with torch.no_grad():
+        out = model(x)
+        eager = model._forward(x)
+    # GraphCache replays right after recording too: the second replay is the one that counts
+    assert fake.recorded == 1 and fake.replays == 2 and fake.stale == fake.freed == 0
+    assert_current(model, caches)
+    for a, b, c in zip(out, eager, first):
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_without_the_check_replays_read_stale_caches(cpp_branch, monkeypatch):
+    """The stand-in shows the hazard: skip the pre-replay check and the replay reads caches
+    of the old weights."""
+    from vim_mm.models.mixer import _WeightCache
+    model, fake = address_graphed_model(monkeypatch)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        monkeypatch.setattr(VisionMamba, '_sync_inference_weights',
+                            lambda self, tensors: (0, _WeightCache.latest, []))
+        update_add(model)
+        out = model(x)
+        eager = model._forward(x)
+    assert fake.replays == 2 and fake.stale > 0 and not torch.equal(out[1], eager[1])
+
+
+def test_unchanged_parameters_refresh_nothing(cpp_branch, monkeypatch):
+    """No version change, no refresh call; a change outside the mixers: checked, nothing
+    refilled (refills are in-place copies: they bump the cached tensors' versions)."""
+    from vim_mm.models.mixer import BiMambaMixer
+    model, fake = address_graphed_model(monkeypatch)  # (eval() itself refreshes: before the spy)
+    refreshed = []
+    real_refresh = BiMambaMixer.refresh_inference_weights
+    monkeypatch.setattr(BiMambaMixer, 'refresh_inference_weights', lambda self, force=False:
+                        refreshed.append(self) or real_refresh(self, force))
+    x = torch.randn(2, 3, 32, 32)
+
+    def cache_versions():
+        return {m: [t._version for t in w.tensors()] for m, w in cached_weights(model).items()}
+    with torch.no_grad():
+        model(x)  # the first dispatch syncs (nothing cached yet), then records
+        assert len(refreshed) == 4 and fake.recorded == 1
+        refreshed.clear()
+        for _ in range(3):
+            model(x)
+        assert fake.replays == 4 and refreshed == []
+        versions = cache_versions()
+        model.pos_embed.add_(1)  # a version bump outside the mixers
+        model(x)
+        assert len(refreshed) == 4 and cache_versions() == versions
+        refreshed.clear()
+        model(x)
+        assert refreshed == []
+        changed = model.layers[2].mixer
+        changed.A_log.add_(1)  # one mixer's parameter: that mixer alone refills
+        model(x)
+        assert len(refreshed) == 4
+        now = cache_versions()
+        assert all(now[m] == versions[m] for m in now if m is not changed)
+        assert now[changed] != versions[changed]
+    assert fake.replays == 7 and fake.stale == fake.freed == 0 and fake.recorded == 1
+
+
+@pytest.mark.parametrize('move', ['double', 'half-float'])
+def test_moved_parameters_rebuild_the_caches_and_drop_the_graphs(cpp_branch, monkeypatch, move):
+    """.double(): a new signature; .half().float(): the same one, new storages. Either way
+    the old graph is gone and the new one reads re-allocated caches."""
+    model, fake = address_graphed_model(monkeypatch)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        old = cached_weights(model)
+        if move == 'double':
+            model.double()
+            x = x.double()
+        else:
+            model.half().float()
+        model(x)  # records anew (and replays)
+        out = model(x)  # replays
+        eager = model._forward(x)
+    from vim_mm.models.cuda_graph import signature
+    assert list(model._graphs.graphs) == [signature(x)] and fake.recorded == 2
+    new = cached_weights(model)
+    assert all(new[m] is not old[m] and new[m].in_proj.dtype == x.dtype for m in new)
+    assert all(m._weight_cache.generation > 0 for m in new)
+    assert fake.replays == 3 and fake.stale == fake.freed == 0
+    assert out[1].dtype == x.dtype and torch.equal(out[1], eager[1])
+
+
+@pytest.mark.parametrize('eager_after', [False, True])
+def test_a_cache_reallocated_behind_the_graphs_back_drops_them(cpp_branch, monkeypatch,
+                                                               eager_after):
+    """A parameter moved, an eager forward (its mixer re-allocates its cache), the parameter
+    back at the address the graph was recorded with (and, ``eager_after``, another eager
+    forward: the mixer's cache re-allocated again, for that address): GraphCache sees no move,
+    yet the graph would read a freed cache. The pre-replay check drops it (the mixer has to
+    re-allocate for the restored address, or its cache's generation changed since the last
+    dispatch)."""
+    model, fake = address_graphed_model(monkeypatch)
+    x = torch.randn(2, 3, 32, 32)
+    weight = model.layers[1].mixer.x_proj.weight
+    original = weight.data
+    with torch.no_grad():
+        model(x)
+        weight.data = original.clone()
+        model._forward(x)
+        weight.data = original
+        if eager_after:
+            model._forward(x)
+        out = model(x)
+        eager = model._forward(x)
+    assert fake.recorded == 2 and fake.replays == 2 and fake.stale == fake.freed == 0
+    assert torch.equal(out[1], eager[1])
+    with torch.no_grad():
+        model(x)
+    assert fake.recorded == 2 and fake.replays == 3 and fake.stale == fake.freed == 0
+
+
+@pytest.mark.parametrize('how', ['eval', 'refresh_inference_weights'])
+def test_writes_through_data_reach_the_replays_after_eval(cpp_branch, monkeypatch, how):
+    """mmengine's EMAHook swaps the averaged weights in with ``p.data.copy_`` (no version
+    bump), then the loop calls ``model.eval()``: that re-derives the caches in place."""
+    model, fake = address_graphed_model(monkeypatch)
+    torch.manual_seed(1)
+    ema = VisionMamba('demo', out_indices=(1, 3))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    caches = with_pointers(cached_weights(model))
+    for p, q in zip(model.parameters(), ema.parameters()):  # EMAHook._swap_ema_parameters
+        tmp = q.data.clone()
+        q.data.copy_(p.data)
+        p.data.copy_(tmp)
+    if how == 'eval':
+        model.train()  # as mmengine's loops: back from training, EMA swapped in, then eval()
+        model.eval()
+    else:
+        model.refresh_inference_weights()
+    with torch.no_grad():
+        out = model(x)
+        eager = model._forward(x)
+    assert fake.recorded == 1 and fake.replays == 2 and fake.stale == fake.freed == 0
+    assert_current(model, caches)
+    assert all(torch.equal(a, b) for a, b in zip(out, eager))
+
+
+def test_training_graphs_never_read_the_weight_caches(cpp_branch, monkeypatch):
+    """Frozen blocks in a training step need no gradient, yet in grad mode their mixers
+    re-derive from the parameters: the training graphs read no cache, and the inference
+    graphs' checks leave the training graphs alone."""
+    from vim_mm.models.mixer import BiMambaMixer
+    reads = []
+    real = BiMambaMixer._inference_weights
+    monkeypatch.setattr(BiMambaMixer, '_inference_weights',
+                        lambda self, *a, **k: reads.append(self) or real(self, *a, **k))
+    model, fake_infer, fake = graphed_model(monkeypatch, training=True)
+    model.requires_grad_(False)  # blocks 0 and 1 need no gradient ...
+    model.layers[1].mixer.out_proj.requires_grad_(True)  # ... but for block 1's out_proj
+    model.norm_f.requires_grad_(True)
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(2):
+        loss_of(model(x)).backward()
+    assert fake.recorded == 1 and fake.forwards == fake.backwards == 2
+    assert reads == [] and all(m._weight_cache.entries == {} for m in model._mixers())
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        update_add(model)
+        model(x)  # refreshes the caches in place: the training graph stays
+    assert reads and len(model._graphs.graphs) == 2 and fake.recorded == 1

@@ -16,10 +16,17 @@ for training (:meth:`GraphCache.train`) a forward graph and a backward graph
 (``torch.cuda.make_graphed_callables``), so ``loss.backward()`` replays the backbone's backward.
 Graphs read the module's parameters in place: ``load_state_dict`` or an optimizer step (in-place
 updates) is seen by the next replay, while moving or re-allocating the parameters (``.to()``,
-``.half()``) drops every graph. Inference outputs are cloned, so callers own them; training
-outputs live in the graph's memory until its next replay, which waits for the previous
-backward (a second forward before it runs eagerly). Beyond ``max_graphs`` signatures the
-function runs eagerly (with one warning): graphs keep their memory.
+``.half()``) drops every graph. Tensors derived from the parameters outside the graphs and read
+by them by address (the mixers' inference weight cache, ``BiMambaMixer._inference_weights``)
+are the caller's to keep current: a replay runs no Python. ``VisionMamba`` refreshes them in
+place before every inference replay whose parameters changed version, and drops the graphs
+(:meth:`GraphCache.clear`) where they had to be re-allocated instead; ``GraphCache.synced`` is
+where a caller keeps what it last synced (copies start without it). Writes through ``p.data``
+bump no version counter: ``VisionMamba.eval()`` re-derives the cache regardless. Inference
+outputs are cloned, so callers own them; training outputs live in the graph's memory until its
+next replay, which waits for the previous backward (a second forward before it runs eagerly).
+Beyond ``max_graphs`` signatures the function runs eagerly (with one warning): graphs keep their
+memory.
 """
 from __future__ import annotations
 
@@ -158,8 +165,16 @@ class GraphCache:
                  capture_training: Callable = capture_training_graph):
         self.capture, self.capture_training = capture, capture_training
         self.graphs: dict = {}
+        self.synced = None  # the caller's record of what the graphs' derived inputs match
+        self.recorded = None  # the signature last recorded by __call__ (callers may reset it)
         self._storage = None
         self._warned = set()
+
+    def clear(self, keep=None, training: bool = True):
+        """Drop every graph but ``keep``'s (a signature), the training ones only if
+        ``training``; they are recorded again as their inputs come."""
+        for key in [k for k in self.graphs if k != keep and (training or k[0] != 'train')]:
+            del self.graphs[key]
 
     def __deepcopy__(self, memo):
         return GraphCache(self.capture, self.capture_training)
@@ -220,6 +235,7 @@ class GraphCache:
             static_input = x.detach().clone()
             replay, outputs = self.capture(fn, static_input)
             entry = self.graphs[signature(x)] = (static_input, replay, outputs)
+            self.recorded = signature(x)
         static_input, replay, outputs = entry
         static_input.copy_(x)
         replay()

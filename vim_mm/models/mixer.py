@@ -6,13 +6,62 @@ branch scans the same x and z reversed with its own conv1d/x_proj/dt_proj/A/D, a
 """
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import bimamba_inner_cuda, linear_channel_first, mamba_inner_torch, resolve_backend
+
+
+@dataclass
+class InferenceWeights:
+    """What the CUDA C++-scan branch derives from the parameters, for one compute dtype:
+    ``in_proj``'s weight, ``x_proj``'s per direction (rows padded to a multiple of 8) and
+    ``out_proj``'s repeated ``(1, 2)`` in that dtype; per direction ``dt_proj_w``, ``dt_bias``,
+    ``A = -exp(A_log)`` and ``D`` in float32, contiguous (as the scan takes them)."""
+    in_proj: torch.Tensor
+    x_proj: list
+    out_proj: torch.Tensor
+    fwd: dict
+    bwd: dict
+
+    def tensors(self) -> list:
+        return [self.in_proj, *self.x_proj, self.out_proj, *self.fwd.values(), *self.bwd.values()]
+
+
+_stamps = itertools.count(1)
+
+
+class _WeightCache:
+    """(device, dtype) -> (parameter versions, :class:`InferenceWeights`) for one set of
+    parameter storages (``sources``, kept alive so that an address seen again is the same
+    storage). Copies (deepcopy, pickle) start empty: the tensors belong to one module.
+
+    ``generation`` changes whenever tensors that were handed out are dropped for new ones
+    (the parameters moved): a CUDA graph recorded with the old ones would read freed memory.
+    ``latest`` (class-wide) is the newest such stamp of any cache, a one-read check for
+    "did any cache re-allocate" (``VisionMamba`` reads it before every inference replay)."""
+    latest = 0
+
+    def __init__(self):
+        self.sources, self.entries, self.generation = [], {}, 0
+
+    def drop(self):
+        """Forget every entry (re-allocation, not refill): a new ``generation`` if any
+        tensors had been handed out."""
+        if self.entries:
+            self.generation = _WeightCache.latest = next(_stamps)  # unique: no lost updates
+        self.entries.clear()
+
+    def __deepcopy__(self, memo):
+        return _WeightCache()
+
+    def __reduce__(self):
+        return _WeightCache, ()
 
 
 class BiMambaMixer(nn.Module):
@@ -37,6 +86,7 @@ class BiMambaMixer(nn.Module):
                                     nn.Parameter(torch.empty(self.d_inner, d_state)))
             self.register_parameter('D' + suffix, nn.Parameter(torch.empty(self.d_inner)))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self._weight_cache = _WeightCache()  # a plain attribute: not in the state dict
         self.reset_parameters()
 
     @torch.no_grad()
@@ -65,12 +115,12 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, L, d_model) -> (B, L, d_model)."""
-        fwd, bwd = self.direction_params(''), self.direction_params('_b')
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad
                                                   or self.in_proj.weight.requires_grad)
         backend = resolve_backend(self.backend, hidden_states.device.type, needs_grad)
         if backend == 'triton':
-            return self.forward_triton(hidden_states, fwd, bwd)
+            return self.forward_triton(hidden_states)
+        fwd, bwd = self.direction_params(''), self.direction_params('_b')
         xz = linear_channel_first(self.in_proj.weight, hidden_states.transpose(1, 2))  # (B, 2E, L)
         if backend == 'cuda':
             return bimamba_inner_cuda(xz, fwd, bwd, self.out_proj.weight, self.out_proj.bias)
@@ -82,7 +132,7 @@ class BiMambaMixer(nn.Module):
         y_b = mamba_inner_torch(x.flip(-1), z.flip(-1), *bwd.values()).flip(-1)
         return F.linear(((y + y_b) / 2).transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
 
-    def forward_triton(self, hidden_states, fwd, bwd):
+    def forward_triton(self, hidden_states):
         """Token-major (batch, L, channels) throughout, no flips and no transposes.
 
         The backward branch's causal conv on the reversed sequence is an anti-causal conv with
@@ -91,26 +141,40 @@ class BiMambaMixer(nn.Module):
         scan takes ``x_proj``'s rows reordered to [B, C, dt] and padded to a multiple of 16 so
         that every token's B and C are aligned vectors; the CUDA C++ inference scan (no
         gradients, 16-bit activations: ``vim_mm/ops/cuda_scan.py``) reads x_proj's output as
-        it is (rows padded to 16 bytes, for the GEMM) and applies dt_proj itself."""
+        it is (rows padded to 16 bytes, for the GEMM) and applies dt_proj itself. Where no
+        gradient is needed, the weights that branch derives come from
+        :meth:`_inference_weights` (cached) where grad mode is off: never in a training step
+        (grad mode on, also where a frozen block needs no gradient), so training CUDA graphs
+        never read the cache and re-derive from the parameters they read in place."""
         from ..ops.triton_conv import bidirectional_conv, bidirectional_conv_torch
         from ..ops.triton_scan import bidirectional_selective_scan
         N, R = self.d_state, self.dt_rank
-        xz = F.linear(hidden_states, self.in_proj.weight)  # (B, L, 2E)
+        dtype = self._compute_dtype(hidden_states)
+        grads = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (hidden_states, *self.parameters()))
+        cached = (None if torch.is_grad_enabled()  # grads implies grad mode
+                  else self._inference_weights(hidden_states.device, dtype))
+        in_proj = self.in_proj.weight if cached is None else cached.in_proj
+        xz = F.linear(hidden_states, in_proj)  # (B, L, 2E)
         x, z = xz.chunk(2, dim=-1)
-        conv_params = (fwd['conv_w'], fwd['conv_b'], bwd['conv_w'], bwd['conv_b'])
+        conv_params = (self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight,
+                       self.conv1d_b.bias)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *conv_params))
         conv = bidirectional_conv_torch if needs_grad else bidirectional_conv
         us = conv(x, *conv_params)
-        inference = not (torch.is_grad_enabled() and any(  # nothing the scan reads needs a grad
-            t.requires_grad for t in (x, *fwd.values(), *bwd.values())))
+        inference = not grads or not any(  # nothing the scan reads needs a grad
+            t.requires_grad for t in (x, *(p for name, p in self.named_parameters()
+                                           if not name.startswith(('in_proj.', 'out_proj.')))))
         if inference and self._use_cuda_scan(us[0], z):
             from ..ops.cuda_scan import bidirectional_scan_infer
+            w = self._derive_weights(dtype) if cached is None else cached  # grads: out_proj's
             width = R + 2 * N  # x_proj's rows padded to 16 bytes: cuBLAS's fast GEMMs need it
-            x_dbls = [F.linear(u, F.pad(p['x_proj_w'], (0, 0, 0, -width % 8)))[..., :width]
-                      for u, p in zip(us, (fwd, bwd))]  # [dt | B | C]
-            y = bidirectional_scan_infer(us[0], x_dbls[0], us[1], x_dbls[1], z, fwd, bwd)
+            x_dbls = [F.linear(u, x_proj)[..., :width]
+                      for u, x_proj in zip(us, w.x_proj)]  # [dt | B | C]
+            y = bidirectional_scan_infer(us[0], x_dbls[0], us[1], x_dbls[1], z, w.fwd, w.bwd)
             # y = [y_fwd, y_bwd] (gated, halved): out_proj over [W, W] adds the directions
-            return F.linear(y, self.out_proj.weight.repeat(1, 2), self.out_proj.bias)
+            return F.linear(y, w.out_proj, self.out_proj.bias)
+        fwd, bwd = self.direction_params(''), self.direction_params('_b')
         pad = -(2 * N + R) % 16
         args = []
         for u, p in zip(us, (fwd, bwd)):
@@ -123,6 +187,78 @@ class BiMambaMixer(nn.Module):
                      p['D'].float(), p['dt_bias'].float()]
         y = bidirectional_selective_scan(*args, z.transpose(1, 2))  # (B, E, L), token-major
         return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype ``F.linear(x, in_proj.weight)`` computes in: autocast's where it is on
+        (autocast leaves float64 alone), else x's."""
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind) and self.in_proj.weight.dtype != torch.float64:
+            return torch.get_autocast_dtype(kind)
+        return x.dtype
+
+    def _derive_weights(self, dtype: torch.dtype) -> InferenceWeights:
+        """The C++-scan branch's weights, from the parameters as they are now (differentiable
+        where they need gradients). The casts are the casts autocast would make, the pad the
+        pad, so ``F.linear`` gives bit-identical outputs with these as with the parameters."""
+        width = self.dt_rank + 2 * self.d_state
+        dirs = self.direction_params(''), self.direction_params('_b')
+        scan = [{k: p[k].detach().float().contiguous()  # as cuda_scan._direction makes them
+                 for k in ('dt_proj_w', 'dt_bias', 'A', 'D')} for p in dirs]
+        return InferenceWeights(
+            in_proj=self.in_proj.weight.to(dtype),
+            x_proj=[F.pad(p['x_proj_w'], (0, 0, 0, -width % 8)).to(dtype) for p in dirs],
+            out_proj=self.out_proj.weight.repeat(1, 2).to(dtype), fwd=scan[0], bwd=scan[1])
+
+    def _inference_weights(self, device: torch.device, dtype: torch.dtype,
+                           force: bool = False) -> InferenceWeights:
+        """:meth:`_derive_weights` without gradients, cached per (device, compute dtype) while
+        the parameters keep their storages (``data_ptr``) and versions (``_version``: in-place
+        updates, an optimizer step, ``load_state_dict``).
+
+        Why: re-deriving them launches ~10 tiny kernels per layer and call (the exps of A_log,
+        x_proj's pads, autocast's casts of in_proj, x_proj and the repeated out_proj, the scan's
+        fp32 copies); ~0.9 ms of a 20 ms step at 1024 px batch 16 on an H200, replayed in CUDA
+        graphs. A change of versions alone refreshes the tensors in place: a recorded graph
+        reads them by address (new ones would leave it reading freed memory). A graph replay
+        runs no Python, so it sees in-place parameter updates only after a forward or
+        :meth:`refresh_inference_weights` has refreshed the cache (``VisionMamba`` does before
+        every inference replay). Writes through ``p.data`` (mmengine's EMA swaps weights so)
+        leave ``_version`` alone: the cache sees them only when ``force`` re-derives anyway."""
+        params = list(self.parameters())
+        if any(p.is_inference() for p in params):  # no version counters: derived uncached
+            with torch.no_grad():
+                return self._derive_weights(dtype)
+        cache = self._weight_cache
+        if [p.data_ptr() for p in params] != [s.data_ptr() for s in cache.sources]:
+            cache.drop()  # moved or re-allocated (.to(), .half(), ...): derive anew
+            cache.sources = [p.detach() for p in params]
+        versions, key = [p._version for p in params], (torch.device(device), dtype)
+        old, weights = cache.entries.get(key, (None, None))
+        if force or versions != old:
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors: refreshable
+                fresh = self._derive_weights(dtype)
+                fresh.in_proj = fresh.in_proj.detach()  # .to() in its own dtype: the parameter
+                if weights is None:
+                    weights = fresh
+                else:  # in place: a recorded CUDA graph reads these tensors by address
+                    for mine, new in zip(weights.tensors(), fresh.tensors()):
+                        if mine.data_ptr() != new.data_ptr():  # else both alias a parameter
+                            mine.copy_(new)
+            cache.entries[key] = versions, weights
+        return weights
+
+    def refresh_inference_weights(self, force: bool = False) -> bool:
+        """Bring every cached :meth:`_inference_weights` up to date with the parameters (in
+        place where they kept their storages): a recorded CUDA graph reads the cache, not the
+        parameters, so call this before replaying one after the parameters changed in place.
+        ``force``: re-derive even where the versions did not change (writes through
+        ``p.data``). Returns whether the cache was re-allocated instead (the parameters moved):
+        graphs recorded with the old tensors must then be dropped."""
+        cache = self._weight_cache
+        generation = cache.generation
+        for device, dtype in list(cache.entries):
+            self._inference_weights(device, dtype, force)
+        return cache.generation != generation
 
     def _use_cuda_scan(self, u, z) -> bool:
         """Whether inference takes the CUDA C++ scan (faster than the Triton scan on every

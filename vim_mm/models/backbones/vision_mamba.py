@@ -18,7 +18,7 @@ from ..layers import (DropPath, PatchEmbed, RMSNorm, VisionRotaryEmbedding, inse
                       resize_pos_grid, split_middle, to_2tuple)
 from ...ops.norm import add_rms_norm
 from ..cuda_graph import GraphCache
-from ..mixer import BiMambaMixer
+from ..mixer import BiMambaMixer, _WeightCache
 
 # Presets as data (Table 1 of the paper; "demo" is a CPU-sized model for the built-in demos).
 ARCH_SETTINGS = {
@@ -95,7 +95,10 @@ class VisionMamba(nn.Module):
             gradients) replays a graph of the forward; training (train mode, gradients) a
             graph of the forward and one of the backward (one forward per backward). CUDA
             inputs only. At most ``cuda_graph`` shapes when an int (True: 4), counting both
-            kinds; later new shapes run eagerly.
+            kinds; later new shapes run eagerly. Inference replays read the mixers' cached
+            inference weights, kept current by :meth:`_sync_inference_weights` (parameter
+            updates that bypass version counters, ``p.data.copy_(...)``: :meth:`eval` or
+            :meth:`refresh_inference_weights`).
         init_cfg: None or ``dict(type='Pretrained', checkpoint=PATH, prefix=None)``.
     """
 
@@ -266,9 +269,15 @@ class VisionMamba(nn.Module):
             from ...ops import graphed_inference
             # auto may take the path with more launches (a shape past max_graphs, run
             # eagerly inside this context, takes it too: slower to launch, same result)
+            inputs = self._graph_inputs()
+            synced = self._sync_inference_weights(inputs)
+            self._graphs.recorded = None
             with graphed_inference():
-                return self._graphs(self._forward, x, self._graph_inputs(), max_graphs)
-        if mode == 'train':
+                out = self._graphs(self._forward, x, inputs, max_graphs)
+            if _WeightCache.latest != synced[1]:  # a mixer's cache re-allocated in the call
+                self._keep_graphs_recorded_now(synced[0])
+            return out
+        if mode == 'train':  # never reads the weight caches (BiMambaMixer.forward_triton)
             return self._graphs.train(self, self._forward, x, max_graphs)
         return self._forward(x)
 
@@ -290,6 +299,77 @@ class VisionMamba(nn.Module):
 
     def _graph_inputs(self):
         return [*self.parameters(), *self.buffers()]
+
+    def _mixers(self) -> list:
+        return [layer.mixer for layer in self.layers]
+
+    def _sync_inference_weights(self, tensors) -> tuple:
+        """Before an inference graph dispatch: the mixers' cached inference weights
+        (``BiMambaMixer._inference_weights``), which the graphs read by address, made current.
+
+        A replay runs no Python, so a graph recorded before an in-place update of the
+        parameters (an optimizer step, ``load_state_dict``, ``p.add_()`` under no_grad; e.g.
+        inference graphs recorded at the first validation of a training run, replayed at the
+        later ones) would read what the caches held then. Where the sum of the ``tensors``'
+        version counters (the parameters and buffers: ``_graph_inputs``) changed since the last
+        dispatch, every mixer refreshes its cache in place (the graphs' addresses stay valid);
+        where a mixer had to re-allocate its cache instead (its parameters moved: ``.to()``,
+        ``.half()``), or one did since (an eager forward after a move, ``_WeightCache.latest``),
+        every inference graph is dropped and recorded again, never left reading freed tensors
+        (training graphs never read the caches: ``BiMambaMixer.forward_triton`` uses them only
+        with grad mode off). Moves of the parameters themselves drop every graph in
+        :class:`GraphCache`. The sum is exact for in-place updates (versions only grow); a
+        changed set of tensors is a move. Writes through ``p.data`` bump no version counter:
+        :meth:`eval` and :meth:`refresh_inference_weights` re-derive regardless.
+
+        Cost when nothing changed (the common case: every replay of a test run): one version
+        sum and two compares, 22 us of CPU time per replay for Vim-Ti and Vim-S alike (412
+        tensors each; ``timeit``, 5000 calls, on the development machine's Xeon CPU), next to
+        ~440 us for ``_graph_inputs`` itself. After a change, once: ~430 us to check all 24
+        mixers' caches (Vim-Ti and Vim-S), plus the refills of those whose parameters changed
+        (~10 small kernels per mixer and cached dtype). Returns (versions, stamp, generations)
+        as synced.
+        """
+        try:
+            versions = sum(t._version for t in tensors)
+        except RuntimeError:  # inference tensors (made under inference_mode): no versions
+            versions = sum(0 if t.is_inference() else t._version for t in tensors)
+        synced = self._graphs.synced
+        if synced is not None and synced[0] == versions and synced[1] == _WeightCache.latest:
+            return synced
+        mixers = self._mixers()
+        generations = [m._weight_cache.generation for m in mixers]
+        moved = [m.refresh_inference_weights() for m in mixers]  # every one, in place
+        if any(moved) or (synced is not None and generations != synced[2]):
+            self._graphs.clear(training=False)  # (no inference graph before the first sync)
+        synced = self._graphs.synced = (versions, _WeightCache.latest,
+                                        [m._weight_cache.generation for m in mixers])
+        return synced
+
+    def _keep_graphs_recorded_now(self, versions):
+        """A mixer's cache was re-allocated during a dispatch (recording after its parameters
+        moved): the graph recorded in it reads the new tensors; any other one is dropped."""
+        self._graphs.clear(keep=self._graphs.recorded, training=False)
+        self._graphs.synced = (versions, _WeightCache.latest,
+                               [m._weight_cache.generation for m in self._mixers()])
+
+    def refresh_inference_weights(self):
+        """Re-derive every mixer's cached inference weights from the parameters as they are
+        now, in place, whatever their version counters say: for writes that bypass them
+        (``p.data.copy_(...)``: mmengine's EMAHook swaps the averaged weights in so before
+        validation and test, then the loop calls ``model.eval()``, which calls this). Graphs
+        keep reading valid tensors; where a cache had to be re-allocated they are dropped."""
+        if any([m.refresh_inference_weights(force=True) for m in self._mixers()]):
+            self._graphs.clear(training=False)
+
+    def train(self, mode: bool = True):
+        """``eval()`` (``mode=False``) also runs :meth:`refresh_inference_weights`: weights
+        written through ``.data`` before it (an EMA swap) reach eager inference and the
+        recorded inference graphs alike."""
+        super().train(mode)
+        if not mode:
+            self.refresh_inference_weights()
+        return self
 
     def _forward(self, x: torch.Tensor):
         tokens, grid = self.patch_embed(x)
