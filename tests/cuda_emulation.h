@@ -59,7 +59,7 @@ inline u16 from_f32(float f) {  // round to nearest even, like cvt.rn
 }
 inline float ex2(float x) { return std::exp2(x); }
 inline float lg2(float x) { return std::log2(x); }
-inline float rcp(float x) { return 1.f / x; }
+inline float tanh_approx(float x) { return std::tanh(x); }
 template <int BYTES> inline void cp_async(void* dst, const void* src, bool valid) {
   if (valid) std::memcpy(dst, src, BYTES); else std::memset(dst, 0, BYTES);
 }

@@ -90,7 +90,7 @@ def test_launch_plan_cuts_whole_tiles_and_launches_summaries_first():
              D=torch.zeros(E))
     for n in (1, 3, 7):
         cfg = dataclasses.replace(DEFAULT_CONFIG, n_chunks=n)
-        _, out, args, launches = launch_plan(u, x, u, x, z, p, p, cfg, sm_count=132)
+        cfg, out, args, launches = launch_plan(u, x, u, x, z, p, p, cfg, sm_count=132)  # fitted
         n_chunks, chunk_l = args[-2:]
         assert chunk_l % cfg.tile_l == 0 and (n_chunks - 1) * chunk_l < L <= n_chunks * chunk_l
         assert n_chunks == n and out.shape == (batch, L, 2 * E)
@@ -104,9 +104,9 @@ def test_launch_plan_cuts_whole_tiles_and_launches_summaries_first():
 
 
 RESULTS = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
-# gpu_infer_scan.py --sweep of the current kernel (v9b: both presets at every batch-filled
-# shape; v9c: 1 x 4097 in 22 / 33 / 44 chunks, rows of the same grid timed alone)
-SWEEPS = ['h200_infer_scan_v9.json', 'h200_infer_scan_v9b.json', 'h200_infer_scan_v9c.json']
+# gpu_infer_scan.py --sweep of the current kernel (v12, tenth session: both presets at every
+# batch-filled shape, chunk counts up to and past a wave, auto_config's plans at the 9 shapes)
+SWEEPS = ['h200_infer_scan_v12.json']
 
 
 def measured_plans():
@@ -157,7 +157,7 @@ def test_auto_config_picks_a_plan_near_the_fastest_measured():
 def test_auto_config_chunks_only_short_batches_and_never_past_a_wave():
     for batch, L in ((128, 197), (32, 1025), (16, 4097), (64, 1025)):
         assert auto_config(batch, 384, L, 132).n_chunks == 1
-    for batch, L, E in ((1, 4097, 384), (4, 16385, 384), (1, 16385, 768), (2, 333, 768)):
+    for batch, L, E in ((1, 4097, 384), (4, 16385, 384), (1, 16385, 768), (2, 4097, 768)):
         cfg = auto_config(batch, E, L, 132)
         p = next(p for p in cuda_scan.PRESETS.values() if p.config.channels == cfg.channels)
         blocks = batch * -(-E // cfg.channels) * 2

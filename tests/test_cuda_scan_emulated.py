@@ -91,14 +91,19 @@ CASES = [  # (batch, L, E, N, R), dtype, config changes, chunks
     ((2, 77, 128, 16, 12), torch.bfloat16, 'many_blocks', 3),
     ((3, 101, 48, 16, 12), torch.bfloat16, 'few_blocks', 1),
     ((1, 130, 32, 16, 12), torch.float16, 'few_blocks', 3),
+    ((2, 70, 64, 16, 12), torch.bfloat16, ('few_blocks', dict(stages=3)), 2),
 ]
 
 
 @pytest.mark.parametrize('shape, dtype, options, chunks', CASES)
 def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, shape, dtype, options, chunks):
     batch, L, E, N, R = shape
-    if isinstance(options, str):  # a preset: x_proj's rows padded as the mixer pads them
-        cfg, x_pad = cuda_scan.PRESETS[options].config, -(R + 2 * N) % 8
+    if isinstance(options, str):
+        options = (options, {})
+    if isinstance(options, tuple):  # a preset: x_proj's rows padded as the mixer pads them
+        preset, changes = options
+        cfg = dataclasses.replace(cuda_scan.PRESETS[preset].config, **changes)
+        x_pad = -(R + 2 * N) % 8
     else:
         cfg, x_pad = dataclasses.replace(DEFAULT_CONFIG, **options), 0
     cfg = dataclasses.replace(cfg, n_chunks=chunks)

@@ -12,10 +12,11 @@ carry pass), stages its inputs in shared memory by cp.async, splits a channel's 
 twice per direction, and reads x_proj's output as it is. :func:`auto_config` picks one of two
 presets and the chunk count per shape from a time model fitted to an H200 sweep.
 
-What it measures (H200, benchmarks/README.md "Ninth session", CUDA-graph replays): faster
-than the Triton scan (with its dt_proj GEMMs) at every Vim-Ti shape timed: 1.28x at 2048 px b4,
-1.43x at 224 px b128, 1.79x at 1024 px b16, 2.4x at 1024 px b1, 2.74x at 512 px b32; correct
-everywhere checked (bf16 within 3.6e-3, fp16 within 3.5e-4 of the fp32 PyTorch twin).
+What it measures (H200, benchmarks/README.md "Tenth session", CUDA-graph replays): faster
+than the Triton scan (with its dt_proj GEMMs) at every Vim-Ti shape timed: 1.45x at 2048 px b4,
+1.55x at 224 px b128, 1.93x at 1024 px b16, 2.5x at 1024 px b1, 3.0x at 512 px b32, and 4.4-10x
+faster than two mamba-ssm scans with their flips; correct everywhere checked (bf16 within
+3.6e-3, fp16 within 3.5e-4 of the fp32 PyTorch twin).
 
 Forward only, 16-bit token-major activations: what the mixer has under ``torch.no_grad()``
 with autocast. Compiled by NVRTC at first use (``torch.cuda._compile_kernel``: no toolchain
@@ -122,8 +123,8 @@ def _rows_aligned(t: torch.Tensor, vec: int) -> bool:
 
 @dataclass(frozen=True)
 class Preset:
-    """A config and the time model :func:`auto_config` plans with, fitted to the H200 sweeps
-    (benchmarks/README.md, "Ninth session"): a walk costs, per token, ``block_us`` per block
+    """A config and the time model :func:`auto_config` plans with, fitted to the H200 sweep of
+    the kernel as it is (benchmarks/README.md, "Tenth session"): a walk costs, per token, ``block_us`` per block
     sharing an SM after the first (:meth:`round_us`), ``latency_us`` for the first, and
     ``chunked_factor`` times that when chunked (summary + output walks), plus ``launch_us`` per
     kernel launched; ``blocks_per_sm`` blocks fit an SM at once (registers, shared memory)."""
@@ -158,11 +159,11 @@ class Preset:
 PRESETS = dict(
     many_blocks=Preset(InferScanConfig(channels=64, split=2, tile_l=16, prep_by_row=True,
                                        min_blocks=4),
-                       blocks_per_sm=4, block_us=0.048, latency_us=0.100, chunked_factor=1.70,
-                       launch_us=6.0),
+                       blocks_per_sm=4, block_us=0.051, latency_us=0.093, chunked_factor=1.54,
+                       launch_us=7.3),
     few_blocks=Preset(InferScanConfig(channels=16, split=4, tile_l=32, stages=2,
                                       prep_by_row=True),
-                      blocks_per_sm=6, block_us=0.010, latency_us=0.070, chunked_factor=1.60,
+                      blocks_per_sm=6, block_us=0.011, latency_us=0.055, chunked_factor=1.68,
                       launch_us=5.0),
 )
 
@@ -173,7 +174,8 @@ def auto_config(batch: int, E: int, L: int, sm_count: int) -> InferScanConfig:
     chunk counts up to what one wave of blocks holds (the range the model was fitted and
     checked on). Plans within 3% of the least modelled time count as equal, and of those the
     one with the most threads wins: more resident warps hide more latency than the model sees
-    (the fastest plan of every chunked shape timed fills the wave, h200_infer_scan_v9b)."""
+    (the fastest plan of every chunked shape timed fills the wave, h200_infer_scan_v9b and
+    h200_infer_scan_v12)."""
     plans = []
     for preset in PRESETS.values():
         blocks = batch * math.ceil(E / preset.config.channels) * 2

@@ -105,9 +105,11 @@ __device__ __forceinline__ float lg2(float x) {
   return y;
 }
 
-__device__ __forceinline__ float rcp(float x) {
+// one MUFU op for the gate's sigmoid where ex2 + rcp took two (max relative error 2^-10.99;
+// the gated output is rounded to 16 bits after it: H200, tenth session, 0.5-4% faster per call)
+__device__ __forceinline__ float tanh_approx(float x) {
   float y;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 
@@ -265,10 +267,11 @@ __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0, cons
     s.ld[r0 + k * SPLIT + 1][c] = make_float2(l[k], l[k] * 0.6931471805599453f * u[k]);
   if (FINAL) {  // the gate silu(z) / 2 and D u times it
 #pragma unroll
-    for (int k = 0; k < K; ++k) e[k] = ex2(-zz[k] * LOG2E);
+    for (int k = 0; k < K; ++k) e[k] = tanh_approx(0.5f * zz[k]);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const float g = 0.5f * zz[k] * rcp(1.f + e[k]);
+      const float q = 0.25f * zz[k];
+      const float g = fmaf(q, e[k], q);  // z sigmoid(z) / 2 = z (1 + tanh(z / 2)) / 4
       s.go[r0 + k * SPLIT][c] = make_float2(g, D * u[k] * g);
     }
   }

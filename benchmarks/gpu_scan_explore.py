@@ -1,0 +1,50 @@
+"""Time the CUDA C++ inference scan's presets and their neighbours (GPU; tenth session).
+
+The presets of ``vim_mm/ops/cuda_scan.py`` with one or two fields changed each, at the
+batch-filled Vim-Ti shapes (CUDA-graph replays, as ``gpu_infer_scan.py`` times them):
+
+    python benchmarks/gpu_scan_explore.py   # writes $OUT/h200_infer_scan_v11_explore.json
+"""
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gpu_infer_scan as g  # noqa: E402
+from vim_mm.ops.cuda_scan import PRESETS, InferScanConfig  # noqa: E402
+
+FEW = dataclasses.asdict(PRESETS['few_blocks'].config)
+MANY = dataclasses.asdict(PRESETS['many_blocks'].config)
+FEW_VARIANTS = [dict(), dict(tile_l=16), dict(tile_l=16, stages=3), dict(channels=8),
+                dict(channels=32), dict(split=2), dict(channels=32, split=2), dict(poly_final=1),
+                dict(min_blocks=6), dict(channels=8, tile_l=64), dict(split=8),
+                dict(split=8, tile_l=16), dict(channels=8, split=8), dict(tile_l=16, min_blocks=8)]
+MANY_VARIANTS = [dict(), dict(split=4), dict(channels=32), dict(tile_l=32, stages=2),
+                 dict(channels=32, split=4, tile_l=32, stages=2), dict(min_blocks=3),
+                 dict(poly_final=1), dict(tile_l=8, stages=3)]
+
+
+def main():
+    rows = []
+    for batch, L in [(16, 4097), (32, 1025), (128, 197)]:
+        for base, name, variants in ((FEW, 'few', FEW_VARIANTS), (MANY, 'many', MANY_VARIANTS)):
+            for change in variants:
+                option = dict(base, **change)
+                try:
+                    ms = g.timings(batch, L, cfg=InferScanConfig(**option),
+                                   only_ours=True)['cuda_cpp_ms']
+                except Exception as e:  # a config that cannot compile or fit
+                    ms = repr(e)[:200]
+                rows.append(dict(base=name, change=change, option=option, batch=batch, L=L,
+                                 ms=ms))
+                print(batch, L, name, change, ms, flush=True)
+    out = Path(os.environ.get('OUT', '.')) / 'h200_infer_scan_v11_explore.json'
+    out.write_text(json.dumps(dict(command='python benchmarks/gpu_scan_explore.py', rows=rows),
+                              indent=1))
+
+
+if __name__ == '__main__':
+    main()
