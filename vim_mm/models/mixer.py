@@ -15,53 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import bimamba_inner_cuda, linear_channel_first, mamba_inner_torch, resolve_backend
-
-
-@dataclass
-class InferenceWeights:
-    """What the CUDA C++-scan branch derives from the parameters, for one compute dtype:
-    ``in_proj``'s weight, ``x_proj``'s per direction (rows padded to a multiple of 8) and
-    ``out_proj``'s repeated ``(1, 2)`` in that dtype; per direction ``dt_proj_w``, ``dt_bias``,
-    ``A = -exp(A_log)`` and ``D`` in float32, contiguous (as the scan takes them)."""
-    in_proj: torch.Tensor
-    x_proj: list
-    out_proj: torch.Tensor
-    fwd: dict
-    bwd: dict
-
-    def tensors(self) -> list:
-        return [self.in_proj, *self.x_proj, self.out_proj, *self.fwd.values(), *self.bwd.values()]
-
-
-_stamps = itertools.count(1)
-
-
-class _WeightCache:
-    """(device, dtype) -> (parameter versions, :class:`InferenceWeights`) for one set of
-    parameter storages (``sources``, kept alive so that an address seen again is the same
-    storage). Copies (deepcopy, pickle) start empty: the tensors belong to one module.
-
-    ``generation`` changes whenever tensors that were handed out are dropped for new ones
-    (the parameters moved): a CUDA graph recorded with the old ones would read freed memory.
-    ``latest`` (class-wide) is the newest such stamp of any cache, a one-read check for
-    "did any cache re-allocate" (``VisionMamba`` reads it before every inference replay)."""
-    latest = 0
-
-    def __init__(self):
-        self.sources, self.entries, self.generation = [], {}, 0
-
-    def drop(self):
-        """Forget every entry (re-allocation, not refill): a new ``generation`` if any
-        tensors had been handed out."""
-        if self.entries:
-            self.generation = _WeightCache.latest = next(_stamps)  # unique: no lost updates
-        self.entries.clear()
-
-    def __deepcopy__(self, memo):
-        return _WeightCache()
-
-    def __reduce__(self):
-        return _WeightCache, ()
+from .weight_cache import InferenceWeights, WeightCache
 
 
 class BiMambaMixer(nn.Module):
@@ -86,7 +40,7 @@ class BiMambaMixer(nn.Module):
                                     nn.Parameter(torch.empty(self.d_inner, d_state)))
             self.register_parameter('D' + suffix, nn.Parameter(torch.empty(self.d_inner)))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
-        self._weight_cache = _WeightCache()  # a plain attribute: not in the state dict
+        self._weight_cache = WeightCache()  # a plain attribute: not in the state dict
         self.reset_parameters()
 
     @torch.no_grad()

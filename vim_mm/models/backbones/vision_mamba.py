@@ -18,7 +18,8 @@ from ..layers import (DropPath, PatchEmbed, RMSNorm, VisionRotaryEmbedding, inse
                       resize_pos_grid, split_middle, to_2tuple)
 from ...ops.norm import add_rms_norm
 from ..cuda_graph import GraphCache
-from ..mixer import BiMambaMixer, _WeightCache
+from ..mixer import BiMambaMixer
+from ..weight_cache import WeightCache
 
 # Presets as data (Table 1 of the paper; "demo" is a CPU-sized model for the built-in demos).
 ARCH_SETTINGS = {
@@ -274,7 +275,7 @@ class VisionMamba(nn.Module):
             self._graphs.recorded = None
             with graphed_inference():
                 out = self._graphs(self._forward, x, inputs, max_graphs)
-            if _WeightCache.latest != synced[1]:  # a mixer's cache re-allocated in the call
+            if WeightCache.latest != synced[1]:  # a mixer's cache re-allocated in the call
                 self._keep_graphs_recorded_now(synced[0])
             return out
         if mode == 'train':  # never reads the weight caches (BiMambaMixer.forward_triton)
@@ -314,7 +315,7 @@ class VisionMamba(nn.Module):
         version counters (the parameters and buffers: ``_graph_inputs``) changed since the last
         dispatch, every mixer refreshes its cache in place (the graphs' addresses stay valid);
         where a mixer had to re-allocate its cache instead (its parameters moved: ``.to()``,
-        ``.half()``), or one did since (an eager forward after a move, ``_WeightCache.latest``),
+        ``.half()``), or one did since (an eager forward after a move, ``WeightCache.latest``),
         every inference graph is dropped and recorded again, never left reading freed tensors
         (training graphs never read the caches: ``BiMambaMixer.forward_triton`` uses them only
         with grad mode off). Moves of the parameters themselves drop every graph in
@@ -335,14 +336,14 @@ class VisionMamba(nn.Module):
         except RuntimeError:  # inference tensors (made under inference_mode): no versions
             versions = sum(0 if t.is_inference() else t._version for t in tensors)
         synced = self._graphs.synced
-        if synced is not None and synced[0] == versions and synced[1] == _WeightCache.latest:
+        if synced is not None and synced[0] == versions and synced[1] == WeightCache.latest:
             return synced
         mixers = self._mixers()
         generations = [m._weight_cache.generation for m in mixers]
         moved = [m.refresh_inference_weights() for m in mixers]  # every one, in place
         if any(moved) or (synced is not None and generations != synced[2]):
             self._graphs.clear(training=False)  # (no inference graph before the first sync)
-        synced = self._graphs.synced = (versions, _WeightCache.latest,
+        synced = self._graphs.synced = (versions, WeightCache.latest,
                                         [m._weight_cache.generation for m in mixers])
         return synced
 
@@ -350,7 +351,7 @@ class VisionMamba(nn.Module):
         """A mixer's cache was re-allocated during a dispatch (recording after its parameters
         moved): the graph recorded in it reads the new tensors; any other one is dropped."""
         self._graphs.clear(keep=self._graphs.recorded, training=False)
-        self._graphs.synced = (versions, _WeightCache.latest,
+        self._graphs.synced = (versions, WeightCache.latest,
                                [m._weight_cache.generation for m in self._mixers()])
 
     def refresh_inference_weights(self):

@@ -1,0 +1,61 @@
+"""What the mixer's inference path derives from its parameters, and the cache that keeps it.
+
+``BiMambaMixer._inference_weights`` fills it; ``VisionMamba`` reads :attr:`WeightCache.latest`
+before every inference CUDA-graph replay (a graph reads these tensors by address, so they are
+refilled in place, and re-allocated only when the parameters move).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ['InferenceWeights', 'WeightCache']
+
+
+@dataclass
+class InferenceWeights:
+    """What the CUDA C++-scan branch derives from the parameters, for one compute dtype:
+    ``in_proj``'s weight, ``x_proj``'s per direction (rows padded to a multiple of 8) and
+    ``out_proj``'s repeated ``(1, 2)`` in that dtype; per direction ``dt_proj_w``, ``dt_bias``,
+    ``A = -exp(A_log)`` and ``D`` in float32, contiguous (as the scan takes them)."""
+    in_proj: torch.Tensor
+    x_proj: list
+    out_proj: torch.Tensor
+    fwd: dict
+    bwd: dict
+
+    def tensors(self) -> list:
+        return [self.in_proj, *self.x_proj, self.out_proj, *self.fwd.values(), *self.bwd.values()]
+
+
+_stamps = itertools.count(1)
+
+
+class WeightCache:
+    """(device, dtype) -> (parameter versions, :class:`InferenceWeights`) for one set of
+    parameter storages (``sources``, kept alive so that an address seen again is the same
+    storage). Copies (deepcopy, pickle) start empty: the tensors belong to one module.
+
+    ``generation`` changes whenever tensors that were handed out are dropped for new ones
+    (the parameters moved): a CUDA graph recorded with the old ones would read freed memory.
+    ``latest`` (class-wide) is the newest such stamp of any cache, a one-read check for
+    "did any cache re-allocate" (``VisionMamba`` reads it before every inference replay)."""
+    latest = 0
+
+    def __init__(self):
+        self.sources, self.entries, self.generation = [], {}, 0
+
+    def drop(self):
+        """Forget every entry (re-allocation, not refill): a new ``generation`` if any
+        tensors had been handed out."""
+        if self.entries:
+            self.generation = WeightCache.latest = next(_stamps)  # unique: no lost updates
+        self.entries.clear()
+
+    def __deepcopy__(self, memo):
+        return WeightCache()
+
+    def __reduce__(self):
+        return WeightCache, ()
