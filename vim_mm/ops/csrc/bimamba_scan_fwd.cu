@@ -25,7 +25,7 @@
 // and vim_scan_final starts every chunk from the combination of the chunks before it in its
 // walk order (a few exps per chunk, not per token).
 //
-// Measured on an H200 (benchmarks/README.md, "Seventh" to "Ninth session", ncu): the seventh
+// Measured on an H200 (benchmarks/README.md, "Seventh" to "Tenth session", ncu): the seventh
 // session's version was bound by shared memory (steps 2 and 4 indexed tile rows by lane:
 // PREP_BY_ROW=1 maps them by row, conflict-free); the eighth's by latency, ~310 cycles per token
 // and warp, each token waiting for its own shared-memory loads. Since the ninth the walk fetches
@@ -33,7 +33,9 @@
 // whole-tile walk has its direction at compile time: 16 x 4097 tokens 0.642 -> 0.519 ms, issue
 // slots 65% busy (the bound is now the instruction count, ~15 per state and token). The tenth
 // session's (v11) copies and converts tiles with per-thread pieces fixed at compile time and
-// 32-bit offsets: ~1690 -> ~1520 instructions per tile and warp, 16 x 4097 0.518 -> 0.480 ms.
+// 32-bit offsets: ~1690 -> ~1520 instructions per tile and warp, 16 x 4097 0.518 -> 0.480 ms;
+// v12 gates by tanh.approx. Now issue slots are 63% busy and MUFU 52%: the most frequent stall
+// is waiting on MUFU and shared-memory results (ncu), not the instruction count alone.
 //
 // Compile-time constants (prepended by the wrapper): NS (states), R (dt rank), XW (x_dbl row
 // width, [dt | B | C]), CH (channels per block), SPLIT (lanes per channel: CH * SPLIT threads),
