@@ -481,13 +481,12 @@ def test_replays_read_weight_caches_refreshed_in_place(cpp_branch, monkeypatch, 
 def test_without_the_check_replays_read_stale_caches(cpp_branch, monkeypatch):
     """The stand-in shows the hazard: skip the pre-replay check and the replay reads caches
     of the old weights."""
-    from vim_mm.models.weight_cache import WeightCache
     model, fake = address_graphed_model(monkeypatch)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         model(x)
         monkeypatch.setattr(VisionMamba, '_sync_inference_weights',
-                            lambda self, tensors: (0, WeightCache.latest, []))
+                            lambda self, tensors: (0, self._cache_generations()))
         update_add(model)
         out = model(x)
         eager = model._forward(x)

@@ -6,9 +6,7 @@ branch scans the same x and z reversed with its own conv1d/x_proj/dt_proj/A/D, a
 """
 from __future__ import annotations
 
-import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -1,12 +1,12 @@
 """What the mixer's inference path derives from its parameters, and the cache that keeps it.
 
-``BiMambaMixer._inference_weights`` fills it; ``VisionMamba`` reads :attr:`WeightCache.latest`
-before every inference CUDA-graph replay (a graph reads these tensors by address, so they are
-refilled in place, and re-allocated only when the parameters move).
+``BiMambaMixer._inference_weights`` fills it; ``VisionMamba`` reads every mixer's
+:attr:`WeightCache.generation` before each inference CUDA-graph replay (a graph reads these
+tensors by address, so they are refilled in place, and re-allocated only when the parameters
+move).
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -30,19 +30,13 @@ class InferenceWeights:
         return [self.in_proj, *self.x_proj, self.out_proj, *self.fwd.values(), *self.bwd.values()]
 
 
-_stamps = itertools.count(1)
-
-
 class WeightCache:
     """(device, dtype) -> (parameter versions, :class:`InferenceWeights`) for one set of
     parameter storages (``sources``, kept alive so that an address seen again is the same
     storage). Copies (deepcopy, pickle) start empty: the tensors belong to one module.
 
-    ``generation`` changes whenever tensors that were handed out are dropped for new ones
-    (the parameters moved): a CUDA graph recorded with the old ones would read freed memory.
-    ``latest`` (class-wide) is the newest such stamp of any cache, a one-read check for
-    "did any cache re-allocate" (``VisionMamba`` reads it before every inference replay)."""
-    latest = 0
+    ``generation`` counts the times tensors that were handed out were dropped for new ones
+    (the parameters moved): a CUDA graph recorded with the old ones would read freed memory."""
 
     def __init__(self):
         self.sources, self.entries, self.generation = [], {}, 0
@@ -51,7 +45,7 @@ class WeightCache:
         """Forget every entry (re-allocation, not refill): a new ``generation`` if any
         tensors had been handed out."""
         if self.entries:
-            self.generation = WeightCache.latest = next(_stamps)  # unique: no lost updates
+            self.generation += 1
         self.entries.clear()
 
     def __deepcopy__(self, memo):

@@ -19,7 +19,6 @@ from ..layers import (DropPath, PatchEmbed, RMSNorm, VisionRotaryEmbedding, inse
 from ...ops.norm import add_rms_norm
 from ..cuda_graph import GraphCache
 from ..mixer import BiMambaMixer
-from ..weight_cache import WeightCache
 
 # Presets as data (Table 1 of the paper; "demo" is a CPU-sized model for the built-in demos).
 ARCH_SETTINGS = {
@@ -275,7 +274,7 @@ class VisionMamba(nn.Module):
             self._graphs.recorded = None
             with graphed_inference():
                 out = self._graphs(self._forward, x, inputs, max_graphs)
-            if WeightCache.latest != synced[1]:  # a mixer's cache re-allocated in the call
+            if self._cache_generations() != synced[1]:  # a cache re-allocated in the call
                 self._keep_graphs_recorded_now(synced[0])
             return out
         if mode == 'train':  # never reads the weight caches (BiMambaMixer.forward_triton)
@@ -304,6 +303,9 @@ class VisionMamba(nn.Module):
     def _mixers(self) -> list:
         return [layer.mixer for layer in self.layers]
 
+    def _cache_generations(self) -> list:
+        return [m._weight_cache.generation for m in self._mixers()]
+
     def _sync_inference_weights(self, tensors) -> tuple:
         """Before an inference graph dispatch: the mixers' cached inference weights
         (``BiMambaMixer._inference_weights``), which the graphs read by address, made current.
@@ -315,7 +317,7 @@ class VisionMamba(nn.Module):
         version counters (the parameters and buffers: ``_graph_inputs``) changed since the last
         dispatch, every mixer refreshes its cache in place (the graphs' addresses stay valid);
         where a mixer had to re-allocate its cache instead (its parameters moved: ``.to()``,
-        ``.half()``), or one did since (an eager forward after a move, ``WeightCache.latest``),
+        ``.half()``), or one did since (an eager forward after a move: its ``generation``),
         every inference graph is dropped and recorded again, never left reading freed tensors
         (training graphs never read the caches: ``BiMambaMixer.forward_triton`` uses them only
         with grad mode off). Moves of the parameters themselves drop every graph in
@@ -324,35 +326,31 @@ class VisionMamba(nn.Module):
         :meth:`eval` and :meth:`refresh_inference_weights` re-derive regardless.
 
         Cost when nothing changed (the common case: every replay of a test run): one version
-        sum and two compares, 22 us of CPU time per replay for Vim-Ti and Vim-S alike (412
-        tensors each; ``timeit``, 5000 calls, on the development machine's Xeon CPU), next to
-        ~440 us for ``_graph_inputs`` itself. After a change, once: ~430 us to check all 24
-        mixers' caches (Vim-Ti and Vim-S), plus the refills of those whose parameters changed
-        (~10 small kernels per mixer and cached dtype). Returns (versions, stamp, generations)
-        as synced.
+        sum (22 us) and the 24 mixers' cache generations (16 us), 39 us of CPU time per replay
+        for Vim-Ti and Vim-S alike (412 tensors each; ``timeit``, 5000 calls, on the
+        development machine's Xeon CPU), next to ~440 us for ``_graph_inputs`` itself. After a
+        change, once: ~430 us to check all 24 mixers' caches (Vim-Ti and Vim-S), plus the
+        refills of those whose parameters changed (~10 small kernels per mixer and cached
+        dtype). Returns (versions, generations) as synced.
         """
         try:
             versions = sum(t._version for t in tensors)
         except RuntimeError:  # inference tensors (made under inference_mode): no versions
             versions = sum(0 if t.is_inference() else t._version for t in tensors)
-        synced = self._graphs.synced
-        if synced is not None and synced[0] == versions and synced[1] == WeightCache.latest:
+        synced, generations = self._graphs.synced, self._cache_generations()
+        if synced == (versions, generations):
             return synced
-        mixers = self._mixers()
-        generations = [m._weight_cache.generation for m in mixers]
-        moved = [m.refresh_inference_weights() for m in mixers]  # every one, in place
-        if any(moved) or (synced is not None and generations != synced[2]):
+        moved = [m.refresh_inference_weights() for m in self._mixers()]  # every one, in place
+        if any(moved) or (synced is not None and generations != synced[1]):
             self._graphs.clear(training=False)  # (no inference graph before the first sync)
-        synced = self._graphs.synced = (versions, WeightCache.latest,
-                                        [m._weight_cache.generation for m in mixers])
+        synced = self._graphs.synced = (versions, self._cache_generations())
         return synced
 
     def _keep_graphs_recorded_now(self, versions):
         """A mixer's cache was re-allocated during a dispatch (recording after its parameters
         moved): the graph recorded in it reads the new tensors; any other one is dropped."""
         self._graphs.clear(keep=self._graphs.recorded, training=False)
-        self._graphs.synced = (versions, WeightCache.latest,
-                               [m._weight_cache.generation for m in self._mixers()])
+        self._graphs.synced = (versions, self._cache_generations())
 
     def refresh_inference_weights(self):
         """Re-derive every mixer's cached inference weights from the parameters as they are
