@@ -37,8 +37,8 @@ INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 __all__ = ['bidirectional_conv', 'bidirectional_conv_torch', 'DEFAULT_IMPL']
 
-# 'tile' or 'stream': the kernel bidirectional_conv runs by default ('stream': 1.4-1.5x faster
-# on an H200, benchmarks/results/h200_scan_exp_ahead_conv_v1.json)
+# 'tile' or 'stream': the kernel bidirectional_conv runs by default ('stream': 1.4-1.6x
+# faster on an H200: benchmarks/gpu_conv_sweep.py)
 DEFAULT_IMPL = 'stream'
 STREAM_WIDTH = 4  # the stream kernel's window is written out for W = 4 (narrower: zero taps)
 
@@ -189,7 +189,7 @@ def bidirectional_conv(x, w_f, b_f, w_b, b_b, block_l: int = 32, block_e: int = 
     the fastest of 36 settings (block_e 64/128, 1/2 warps, unroll 2/4/8, chunk_l 64/128/256) at
     5 Vim shapes on an H200, e.g. 16 x 4097 x 384 in bf16: 57.9 us (2.6 TB/s of x read once
     and u_f, u_b written) against 86.6 us for 'tile'; 128 x 197 x 384: 31.6 against 43.4 us
-    (benchmarks/results/h200_scan_exp_ahead_conv_v1.json, tenth session).
+    (``benchmarks/gpu_conv_sweep.py``; benchmarks/results/h200_scan_exp_ahead_conv_v1.json).
     """
     if triton is None or not (x.is_cuda or INTERPRET):
         raise RuntimeError('bidirectional_conv needs triton and a CUDA tensor '
