@@ -181,15 +181,17 @@ def bidirectional_conv(x, w_f, b_f, w_b, b_b, block_l: int = 32, block_e: int = 
     ``impl``: 'tile' (tiles of ``block_l`` x ``block_e``) or 'stream' (chunks of ``chunk_l``
     tokens x ``block_e`` channels walked with a sliding window, ``unroll`` tokens, i.e. row
     loads in flight, per loop step); None takes :data:`DEFAULT_IMPL`. ``num_warps`` defaults
-    to 4 for 'tile' (Triton's default) and 2 for 'stream'. 'stream' handles W <= 4 (narrower
+    to 4 for 'tile' (Triton's default) and 1 for 'stream'. 'stream' handles W <= 4 (narrower
     filters get leading zero taps); with W > 4 the default falls back to 'tile' and an
     explicit 'stream' raises.
 
-    Stream defaults (block_e=128, chunk_l=64, unroll=8, two warps): within 0.3% on average of
-    the fastest of 36 settings (block_e 64/128, 1/2 warps, unroll 2/4/8, chunk_l 64/128/256) at
-    5 Vim shapes on an H200, e.g. 16 x 4097 x 384 in bf16: 57.9 us (2.6 TB/s of x read once
-    and u_f, u_b written) against 86.6 us for 'tile'; 128 x 197 x 384: 31.6 against 43.4 us
-    (``benchmarks/gpu_conv_sweep.py``; benchmarks/results/h200_scan_exp_ahead_conv_v1.json).
+    Stream defaults (block_e=128, chunk_l=64, unroll=8, one warp): of 36 settings (block_e
+    64/128, 1/2 warps, unroll 2/4/8, chunk_l 64/128/256) at 5 Vim shapes, timed twice on an
+    H200 (``benchmarks/gpu_conv_sweep.py``; results/h200_scan_exp_ahead_conv_v1.json and
+    h200_conv_sweep_v1.json), on average 4.9% and at worst 8.3% slower than the fastest
+    setting of a shape and run (two warps, the first run's pick: 6.5% / 21%; which setting is
+    fastest changes between runs). 16 x 4097 x 384 in bf16: 58-61 us, against 85-87 us for
+    'tile'.
     """
     if triton is None or not (x.is_cuda or INTERPRET):
         raise RuntimeError('bidirectional_conv needs triton and a CUDA tensor '
@@ -217,7 +219,7 @@ def bidirectional_conv(x, w_f, b_f, w_b, b_b, block_l: int = 32, block_e: int = 
         _bi_conv_stream_kernel[grid](x, x.stride(0), x.stride(1), w_f, b_f.contiguous(), w_b,
                                      b_b.contiguous(), u_f, u_b, L, E, CHUNK_L=chunk_l,
                                      BLOCK_E=block_e, UNROLL=unroll,
-                                     num_warps=num_warps or 2)
+                                     num_warps=num_warps or 1)
         return u_f, u_b
     grid = (triton.cdiv(L, block_l), batch, triton.cdiv(E, block_e))
     _bi_conv_kernel[grid](x, x.stride(0), x.stride(1), w_f, b_f.contiguous(), w_b,
