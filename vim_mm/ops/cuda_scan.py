@@ -12,9 +12,9 @@ carry pass), stages its inputs in shared memory by cp.async, splits a channel's 
 twice per direction, and reads x_proj's output as it is. :func:`auto_config` picks one of two
 presets and the chunk count per shape from a time model fitted to an H200 sweep.
 
-What it measures (H200, benchmarks/README.md "Tenth session", CUDA-graph replays): faster
+What it measures (H200, benchmarks/README.md "Eleventh session", CUDA-graph replays): faster
 than the Triton scan (with its dt_proj GEMMs) at every Vim-Ti shape timed: 1.45x at 2048 px b4,
-1.55x at 224 px b128, 1.93x at 1024 px b16, 2.5x at 1024 px b1, 3.0x at 512 px b32, and 4.4-10x
+1.61x at 224 px b128, 2.04x at 1024 px b16, 2.6x at 1024 px b1, 3.1x at 512 px b32, and 4.5-10x
 faster than two mamba-ssm scans with their flips; correct everywhere checked (bf16 within
 3.6e-3, fp16 within 3.5e-4 of the fp32 PyTorch twin).
 
@@ -124,7 +124,7 @@ def _rows_aligned(t: torch.Tensor, vec: int) -> bool:
 @dataclass(frozen=True)
 class Preset:
     """A config and the time model :func:`auto_config` plans with, fitted to the H200 sweep of
-    the kernel as it is (benchmarks/README.md, "Tenth session"): a walk costs, per token,
+    the kernel as it is (benchmarks/README.md, "Eleventh session"; benchmarks/fit_scan_model.py): a walk costs, per token,
     ``block_us`` per block sharing an SM after the first (:meth:`round_us`), ``latency_us`` for
     the first, and
     ``chunked_factor`` times that when chunked (summary + output walks), plus ``launch_us`` per
@@ -160,11 +160,11 @@ class Preset:
 PRESETS = dict(
     many_blocks=Preset(InferScanConfig(channels=64, split=2, tile_l=16, prep_by_row=True,
                                        min_blocks=4),
-                       blocks_per_sm=4, block_us=0.051, latency_us=0.093, chunked_factor=1.54,
-                       launch_us=7.3),
+                       blocks_per_sm=4, block_us=0.0499, latency_us=0.0873, chunked_factor=1.564,
+                       launch_us=7.65),
     few_blocks=Preset(InferScanConfig(channels=16, split=4, tile_l=32, stages=2,
                                       prep_by_row=True),
-                      blocks_per_sm=6, block_us=0.011, latency_us=0.055, chunked_factor=1.68,
+                      blocks_per_sm=7, block_us=0.0112, latency_us=0.0591, chunked_factor=1.575,
                       launch_us=5.0),
 )
 
@@ -175,8 +175,8 @@ def auto_config(batch: int, E: int, L: int, sm_count: int) -> InferScanConfig:
     chunk counts up to what one wave of blocks holds (the range the model was fitted and
     checked on). Plans within 3% of the least modelled time count as equal, and of those the
     one with the most threads wins: more resident warps hide more latency than the model sees
-    (the fastest plan of every chunked shape timed fills the wave, h200_infer_scan_v9b and
-    h200_infer_scan_v12)."""
+    (the fastest plan of every chunked shape timed fills the wave, h200_infer_scan_v9b, _v12
+    and _v13)."""
     plans = []
     for preset in PRESETS.values():
         blocks = batch * math.ceil(E / preset.config.channels) * 2
@@ -201,12 +201,12 @@ def staged_width(width: int, piece_bytes: int) -> int:
 
 def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
     """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, their fp32 rows and
-    (l, dt u) per token and channel (two spare rows each), (gate, D u gate) per token and channel,
-    the lanes' partial outputs."""
+    (l, dt u) per token and channel (two spare rows each), the lanes' partial outputs (the gates
+    stay in registers since v13)."""
     width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
     staged = staged_width(width, cfg.x_piece)
     return (stages * T * (2 * C + staged) * 2 + (T + 2) * staged * 4
-            + (T + 2) * C * 8 + T * C * 8 + T * C * cfg.split * 4)
+            + (T + 2) * C * 8 + T * C * cfg.split * 4)
 
 
 def fitted(cfg: InferScanConfig, d_state: int, dt_rank: int) -> InferScanConfig:

@@ -35,7 +35,12 @@
 // session's (v11) copies and converts tiles with per-thread pieces fixed at compile time and
 // 32-bit offsets: ~1690 -> ~1520 instructions per tile and warp, 16 x 4097 0.518 -> 0.480 ms;
 // v12 gates by tanh.approx. Now issue slots are 63% busy and MUFU 52%: the most frequent stall
-// is waiting on MUFU and shared-memory results (ncu), not the instruction count alone.
+// is waiting on MUFU and shared-memory results (ncu), not the instruction count alone. v13
+// (eleventh session) keeps the gates in registers instead of a shared-memory tile: 16 x 4097
+// 0.482 -> 0.456 ms, 2-5% at every shape. Measured slower in the same calls and not kept: the
+// lanes' partials summed by warp shuffles in the walk (5-11%; also with the 1-3 more blocks
+// per SM the smaller tiles allow), (l, dt u) loaded for two tokens at once (3%), the partials
+// stored for two tokens at once (2.6%), the walk unrolled 2 (1.5%) or 8 (+-1%) tokens deep.
 //
 // Compile-time constants (prepended by the wrapper): NS (states), R (dt rank), XW (x_dbl row
 // width, [dt | B | C]), CH (channels per block), SPLIT (lanes per channel: CH * SPLIT threads),
@@ -183,7 +188,6 @@ struct Tiles {
   u16 x[STAGES][TT][XWP];
   float xf[TT + 2][XF];      // the tile's [dt | B | C] in fp32, read by every lane
   float2 ld[TT + 2][CH];     // (log2(1 + e^x), dt u) per token and channel
-  float2 go[TT][CH];         // (gate, D u gate) per token and channel
   float yp[TT][CH][SPLIT];   // the lanes' partial C . h
 };
 
@@ -238,10 +242,13 @@ __device__ __forceinline__ void issue_tile(Tiles& s, const Walk& w, int k, int s
 // r0 < SPLIT, so every thread takes exactly TT / SPLIT rows (a fixed count: unrolled with no exit
 // branches). Written stage by stage over the rows, so each MUFU stage has TT / SPLIT independent
 // operations in flight (written row by row, the SASS ran one row's dependent chain at a time).
+// The gate and D u gate stay in this thread's registers (go): step 4 takes the same rows and
+// channel (the tenth session's kernel passed them through shared memory).
+constexpr int PREP_ROWS = TT / SPLIT;
 template <bool FINAL>
 __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0, const float (&W)[R],
-                                        float bias, float D) {
-  constexpr int K = TT / SPLIT;
+                                        float bias, float D, float2 (&go)[PREP_ROWS]) {
+  constexpr int K = PREP_ROWS;
   constexpr float LOG2E = 1.4426950408889634f;
   float x[K], u[K], zz[K], e[K], l[K];
 #pragma unroll
@@ -274,7 +281,7 @@ __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0, cons
     for (int k = 0; k < K; ++k) {
       const float q = 0.25f * zz[k];
       const float g = fmaf(q, e[k], q);  // z sigmoid(z) / 2 = z (1 + tanh(z / 2)) / 4
-      s.go[r0 + k * SPLIT][c] = make_float2(g, D * u[k] * g);
+      go[k] = make_float2(g, D * u[k] * g);
     }
   }
 }
@@ -359,6 +366,7 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
   const int n_tiles = (w.hi - w.lo + TT - 1) / TT;
   const int pc = PREP_C, pr0 = PREP_R0;  // steps 2 and 4: channel pc, tokens pr0 + k SPLIT
   const bool active = w.e0 + pc < w.E;
+  float2 go[PREP_ROWS];  // step 2's gates for step 4
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
     if (k < n_tiles) issue_tile<FINAL, false>(s, w, k, k);
@@ -385,7 +393,7 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
       }
     }
     __syncthreads();
-    prepare<FINAL>(s, stage, pc, pr0, W, bias, D);
+    prepare<FINAL>(s, stage, pc, pr0, W, bias, D, go);
     PREP_SYNC();
     const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
     const int r0 = w.rev ? TT - 1 : 0, dr = w.rev ? -1 : 1;
@@ -406,15 +414,10 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     }
     if (FINAL) {  // step 4: every row's sum read before any is stored
       PREP_SYNC();
-      constexpr int K = TT / SPLIT;
+      constexpr int K = PREP_ROWS;
       float y[K];
-      float2 go[K];
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int r = pr0 + k * SPLIT;
-        y[k] = sum_partials(s.yp[r][pc]);
-        go[k] = s.go[r][pc];
-      }
+      for (int k = 0; k < K; ++k) y[k] = sum_partials(s.yp[pr0 + k * SPLIT][pc]);
       u16* out = w.out + (t0 + pr0) * w.so_l + pc;  // 32-bit offsets: fewer instructions
       const int step = SPLIT * w.so_l;
 #pragma unroll
