@@ -4,6 +4,8 @@ same-call A/Bs of the end-to-end numbers (tenth session):
     NOCACHE=1  the mixers derive their inference weights on every call (as before
                ``BiMambaMixer._inference_weights`` cached them)
     CONV=stream|tile  ``vim_mm.ops.triton_conv.DEFAULT_IMPL``
+    EMBED=plain  patch and position embedding by the PyTorch lines (as before the eleventh
+               session's one-kernel embedding, ``VisionMamba._fused_embedding_dtype``)
 
     NOCACHE=1 CONV=tile python benchmarks/bench_variant.py --models vim-t@triton --res 1024 \
         --batch 16 --mode infer --dtype bf16 --cuda-graph --out nocache.json
@@ -18,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from vim_mm import VisionMamba  # noqa: E402
 from vim_mm.models.mixer import BiMambaMixer  # noqa: E402
 from vim_mm.ops import triton_conv  # noqa: E402
 
@@ -26,6 +29,8 @@ if os.environ.get('NOCACHE') == '1':
         with torch.no_grad():
             return self._derive_weights(dtype)
     BiMambaMixer._inference_weights = uncached
+if os.environ.get('EMBED') == 'plain':
+    VisionMamba._fused_embedding_dtype = lambda self, x: None
 if os.environ.get('CONV'):
     triton_conv.DEFAULT_IMPL = os.environ['CONV']
 sys.argv = [str(ROOT / 'tools' / 'benchmark.py')] + sys.argv[1:]

@@ -73,11 +73,15 @@ class PatchEmbed(nn.Module):
         return tuple(max(math.ceil((s - k) / t), 0) + 1
                      for s, k, t in zip(hw, self.patch_size, self.stride))
 
-    def forward(self, x):
+    def check(self, x) -> tuple[int, int]:
+        """The token grid of images ``x``; a clear error where they are not (B, C, H, W)."""
         if x.dim() != 4 or x.shape[1] != self.proj.in_channels:
             raise ValueError(f'VisionMamba expects images of shape (B, {self.proj.in_channels}, H, W), '
                              f'got {tuple(x.shape)}')
-        grid = self.grid_size(x.shape[-2:])
+        return self.grid_size(x.shape[-2:])
+
+    def forward(self, x):
+        grid = self.check(x)
         pad_h, pad_w = ((g - 1) * t + k - s for g, t, k, s in
                         zip(grid, self.stride, self.patch_size, x.shape[-2:]))
         if pad_h or pad_w:

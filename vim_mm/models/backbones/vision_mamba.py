@@ -370,13 +370,41 @@ class VisionMamba(nn.Module):
             self.refresh_inference_weights()
         return self
 
-    def _forward(self, x: torch.Tensor):
+    def _embed(self, x: torch.Tensor):
+        """(the stream before the first layer, the token grid): patch tokens, the class token
+        inserted, plus the position embedding; float32 even under autocast (float64 models stay
+        float64). At inference on the Triton path under a 16-bit autocast, patches and position
+        are one kernel (:func:`~vim_mm.ops.triton_patch_embed.patch_embed_with_position`)."""
+        dtype = self._fused_embedding_dtype(x)
+        if dtype is not None:
+            from ...ops.triton_patch_embed import patch_embed_with_position
+            grid, proj = self.patch_embed.check(x), self.patch_embed.proj
+            return patch_embed_with_position(x, proj.weight, proj.bias,
+                                             self.position_embedding(grid),
+                                             self.patch_embed.patch_size[0], dtype), grid
         tokens, grid = self.patch_embed(x)
         if self.with_cls_token:
             tokens = insert_middle(tokens, self.cls_token.expand(tokens.shape[0], -1, -1))
-        # the residual stream is float32 even under autocast (float64 models stay float64)
         stream_dtype = torch.promote_types(self.pos_embed.dtype, torch.float32)
-        stream = self.pos_drop(tokens + self.position_embedding(grid)).to(stream_dtype)
+        return self.pos_drop(tokens + self.position_embedding(grid)).to(stream_dtype), grid
+
+    def _fused_embedding_dtype(self, x: torch.Tensor):
+        """Autocast's dtype where :meth:`_embed` runs one kernel: the Triton path (CUDA, or
+        Triton's interpreter) in inference (grad mode off) under a bf16/fp16 autocast, square
+        non-overlapping patches, no class token, a float32 position embedding, a batch of less
+        than 2^31 pixel values (32-bit offsets); else None."""
+        kind, patch = x.device.type, self.patch_embed
+        if (torch.is_grad_enabled() or self.with_cls_token or x.numel() >= 2 ** 31
+                or self.active_backend != 'triton'
+                or patch.patch_size != patch.stride or len(set(patch.patch_size)) != 1
+                or (self.training and self.pos_drop.p > 0)
+                or self.pos_embed.dtype != torch.float32 or not torch.is_autocast_enabled(kind)):
+            return None
+        dtype = torch.get_autocast_dtype(kind)
+        return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+    def _forward(self, x: torch.Tensor):
+        stream, grid = self._embed(x)
         rope = None
         if self.rope is not None:
             cos, sin = self.rope.cos_sin(grid, x.device)
