@@ -6,6 +6,8 @@ same-call A/Bs of the end-to-end numbers (tenth session):
     CONV=stream|tile  ``vim_mm.ops.triton_conv.DEFAULT_IMPL``
     EMBED=plain  patch and position embedding by the PyTorch lines (as before the eleventh
                session's one-kernel embedding, ``VisionMamba._fused_embedding_dtype``)
+    FEATMAP=plain  the output's residual add, final norm and transpose by the PyTorch lines
+               (as before the eleventh session's kernel, ``VisionMamba._fused_featmap``)
 
     NOCACHE=1 CONV=tile python benchmarks/bench_variant.py --models vim-t@triton --res 1024 \
         --batch 16 --mode infer --dtype bf16 --cuda-graph --out nocache.json
@@ -31,6 +33,8 @@ if os.environ.get('NOCACHE') == '1':
     BiMambaMixer._inference_weights = uncached
 if os.environ.get('EMBED') == 'plain':
     VisionMamba._fused_embedding_dtype = lambda self, x: None
+if os.environ.get('FEATMAP') == 'plain':
+    VisionMamba._fused_featmap = lambda self: False
 if os.environ.get('CONV'):
     triton_conv.DEFAULT_IMPL = os.environ['CONV']
 sys.argv = [str(ROOT / 'tools' / 'benchmark.py')] + sys.argv[1:]
