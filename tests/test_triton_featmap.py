@@ -46,6 +46,9 @@ def test_mismatched_inputs_are_refused():
         fm.add_norm_to_featmap(r, r, None, 1e-5, (3, 5))
     with pytest.raises(ValueError, match='float32 residual'):
         fm.add_norm_to_featmap(r.half(), r.half(), None, 1e-5, (3, 4))
+    big = torch.empty(2 ** 12, 2 ** 12, 2 ** 8, device='meta')  # 2^32 elements
+    with pytest.raises(ValueError, match='32 bits'):
+        fm.add_norm_to_featmap(big, big, None, 1e-5, (2 ** 6, 2 ** 6))
 
 
 def features(model, image, calls, autocast=torch.bfloat16):

@@ -73,6 +73,14 @@ def test_mismatched_weights_and_position_are_refused():
         pe.patch_embed_with_position(*args, 16, torch.float16, block_k=32)
 
 
+def test_batches_past_32_bit_offsets_are_named():
+    """The kernel addresses in 32 bits: the backbone falls back where the image or its tokens
+    have 2^31 elements or more (shapes only: meta tensors)."""
+    assert pe.offsets_fit(torch.empty(16, 3, 1024, 1024, device='meta'), 16, 192)
+    assert not pe.offsets_fit(torch.empty(64, 3, 4096, 4096, device='meta'), 16, 192)
+    assert not pe.offsets_fit(torch.empty(1, 3, 8192, 8192, device='meta'), 4, 2048)  # tokens
+
+
 def embedded(model, image, dtype, calls):
     with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype):
         return model._embed(image.to(DEVICE))[0], len(calls)

@@ -70,6 +70,9 @@ def add_norm_to_featmap(residual, x, weight, eps: float, grid, block_t: int = 32
         raise ValueError(f'add_norm_to_featmap: residual {tuple(residual.shape)} '
                          f'{residual.dtype} and x {tuple(x.shape)} must match, float32 residual, '
                          f'unit channel stride, {L} tokens = grid {tuple(grid)}')
+    if max(residual.stride(0), x.stride(0), L * C) * b >= 2 ** 31:
+        raise ValueError('add_norm_to_featmap: the kernel addresses in 32 bits; split the batch '
+                         f'of {tuple(residual.shape)}')
     out = torch.empty(b, C, *grid, dtype=torch.float32, device=residual.device)
     _add_norm_featmap_kernel[(triton.cdiv(L, block_t), b)](
         residual, residual.stride(0), residual.stride(1), x, x.stride(0), x.stride(1),

@@ -29,7 +29,8 @@ try:
 except ImportError:
     triton = None
 
-__all__ = ['patch_embed_with_position', 'patch_embed_with_position_torch', 'default_settings']
+__all__ = ['patch_embed_with_position', 'patch_embed_with_position_torch', 'default_settings',
+           'offsets_fit']
 
 # Triton's CPU interpreter (3.8) multiplies bf16 tiles wrongly in tl.dot: there the kernel
 # multiplies the same 16-bit values as float32 (the products are exact either way)
@@ -97,6 +98,12 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def offsets_fit(image, patch: int, n_out: int) -> bool:
+    """Whether the image's and the output's elements fit the kernel's 32-bit offsets."""
+    b, _, h, w = image.shape
+    return max(image.numel(), b * -(-h // patch) * -(-w // patch) * n_out) < 2 ** 31
+
+
 def default_settings(n_out: int) -> dict:
     """The kernel's tile settings for N output channels: the fastest of 24 on an H200 at Vim-Ti
     (N = 192: 4 of 5 sizes, within 5% at the fifth) and Vim-S (384) widths, one sweep
@@ -130,9 +137,9 @@ def patch_embed_with_position(image, weight, bias, pos, patch: int, dtype: torch
     if pos.shape[-2:] != (gh * gw, n_out) or pos.stride(-1) != 1:
         raise ValueError(f'patch_embed_with_position: pos {tuple(pos.shape)} should be '
                          f'(1 or {b}, {gh * gw}, {n_out}) with unit channel stride')
-    if image.numel() >= 2 ** 31:
-        raise ValueError('patch_embed_with_position: the kernel addresses the image in 32 bits; '
-                         f'split the batch of {tuple(image.shape)}')
+    if not offsets_fit(image, patch, n_out):
+        raise ValueError('patch_embed_with_position: the kernel addresses the image and the '
+                         f'tokens in 32 bits; split the batch of {tuple(image.shape)}')
     weight = weight.reshape(n_out, -1).contiguous()
     out = torch.empty(b, gh * gw, n_out, dtype=pos.dtype, device=image.device)
     sp_b = pos.stride(0) if pos.shape[0] > 1 else 0

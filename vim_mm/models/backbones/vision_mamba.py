@@ -391,12 +391,13 @@ class VisionMamba(nn.Module):
     def _fused_embedding_dtype(self, x: torch.Tensor):
         """Autocast's dtype where :meth:`_embed` runs one kernel: the Triton path (CUDA, or
         Triton's interpreter) in inference (grad mode off) under a bf16/fp16 autocast, square
-        non-overlapping patches, no class token, a float32 position embedding, a batch of less
-        than 2^31 pixel values (32-bit offsets); else None."""
+        non-overlapping patches, no class token, a float32 position embedding, an image batch
+        and its tokens within the kernel's 32-bit offsets; else None."""
+        from ...ops.triton_patch_embed import offsets_fit
         kind, patch = x.device.type, self.patch_embed
-        if (torch.is_grad_enabled() or self.with_cls_token or x.numel() >= 2 ** 31
-                or self.active_backend != 'triton'
+        if (torch.is_grad_enabled() or self.with_cls_token or self.active_backend != 'triton'
                 or patch.patch_size != patch.stride or len(set(patch.patch_size)) != 1
+                or x.dim() != 4 or not offsets_fit(x, patch.patch_size[0], self.embed_dims)
                 or (self.training and self.pos_drop.p > 0)
                 or self.pos_embed.dtype != torch.float32 or not torch.is_autocast_enabled(kind)):
             return None
@@ -423,7 +424,8 @@ class VisionMamba(nn.Module):
             x, residual, scale = layer(x, residual, scale, rope, fused, checkpoint)
             if index in self.out_indices:
                 norm = index == last and self.final_norm
-                if fused_featmap and scale is None and residual.dtype == torch.float32:
+                if (fused_featmap and scale is None and residual.dtype == torch.float32
+                        and residual.numel() < 2 ** 31):
                     from ...ops.triton_featmap import add_norm_to_featmap
                     outs.append(add_norm_to_featmap(residual, x, self.norm_f.weight if norm
                                                     else None, self.norm_f.eps, grid))
