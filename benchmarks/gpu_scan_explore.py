@@ -1,10 +1,13 @@
 """Time the CUDA C++ inference scan's presets and their neighbours (GPU; tenth session).
 
 The presets of ``vim_mm/ops/cuda_scan.py`` with one or two fields changed each, at the
-batch-filled Vim-Ti shapes (CUDA-graph replays, as ``gpu_infer_scan.py`` times them):
+batch-filled Vim-Ti shapes (CUDA-graph replays, as ``gpu_infer_scan.py`` times them); the
+``dynamic_smem`` variants (eleventh session) hold tiles past 48 KB and have not been timed yet:
 
     python benchmarks/gpu_scan_explore.py   # writes $OUT/h200_infer_scan_v11_explore.json
+    python benchmarks/gpu_scan_explore.py --out results/h200_infer_scan_v14_explore.json
 """
+import argparse
 import dataclasses
 import json
 import os
@@ -21,13 +24,21 @@ MANY = dataclasses.asdict(PRESETS['many_blocks'].config)
 FEW_VARIANTS = [dict(), dict(tile_l=16), dict(tile_l=16, stages=3), dict(channels=8),
                 dict(channels=32), dict(split=2), dict(channels=32, split=2), dict(poly_final=1),
                 dict(min_blocks=6), dict(channels=8, tile_l=64), dict(split=8),
-                dict(split=8, tile_l=16), dict(channels=8, split=8), dict(tile_l=16, min_blocks=8)]
+                dict(split=8, tile_l=16), dict(channels=8, split=8), dict(tile_l=16, min_blocks=8),
+                dict(channels=32, dynamic_smem=True), dict(tile_l=64, dynamic_smem=True)]
 MANY_VARIANTS = [dict(), dict(split=4), dict(channels=32), dict(tile_l=32, stages=2),
                  dict(channels=32, split=4, tile_l=32, stages=2), dict(min_blocks=3),
-                 dict(poly_final=1), dict(tile_l=8, stages=3)]
+                 dict(poly_final=1), dict(tile_l=8, stages=3),
+                 dict(tile_l=32, stages=2, dynamic_smem=True),
+                 dict(tile_l=32, stages=3, dynamic_smem=True),
+                 dict(channels=128, dynamic_smem=True)]
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--out', default=str(Path(os.environ.get('OUT', '.'))
+                                             / 'h200_infer_scan_v11_explore.json'))
+    args = parser.parse_args()
     rows = []
     for batch, L in [(16, 4097), (32, 1025), (128, 197)]:
         for base, name, variants in ((FEW, 'few', FEW_VARIANTS), (MANY, 'many', MANY_VARIANTS)):
@@ -38,15 +49,15 @@ def main():
                                    only_ours=True)['cuda_cpp_ms']
                 except Exception as e:  # a config that cannot compile or fit
                     ms = repr(e)[:200]
-                # what runs: fitted() shrinks configs past 48 KB of shared memory (the timed
-                # inputs' x_dbl rows are unpadded: 8-byte pieces)
+                # what runs: fitted() shrinks configs past 48 KB of static shared memory, or the
+                # dynamic limit (the timed inputs' x_dbl rows are unpadded: 8-byte pieces)
                 launched = fitted(InferScanConfig(**dict(option, x_piece=8)), 16, 12)
                 rows.append(dict(base=name, change=change, option=option, batch=batch, L=L,
                                  ms=ms, launched=g.launched(launched)))
                 print(batch, L, name, change, ms, flush=True)
-    out = Path(os.environ.get('OUT', '.')) / 'h200_infer_scan_v11_explore.json'
-    out.write_text(json.dumps(dict(command='python benchmarks/gpu_scan_explore.py', rows=rows),
-                              indent=1))
+                Path(args.out).write_text(json.dumps(dict(  # after every row: partial runs keep
+                    command=' '.join(['python benchmarks/gpu_scan_explore.py'] + sys.argv[1:]),
+                    rows=rows), indent=1))
 
 
 if __name__ == '__main__':

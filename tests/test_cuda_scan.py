@@ -63,6 +63,31 @@ def test_kernels_compile_with_the_budgeted_shared_memory(preset, fp16, plan):
         assert sections[f'.nv.shared.{kernel}'] - RESERVED_SMEM == budget
 
 
+def test_dynamic_shared_memory_takes_tiles_past_48_kb():
+    """dynamic_smem: tiles of more than 48 KB are kept whole (up to the dynamic limit), live in
+    no static shared memory, and the launch passes their size."""
+    compile_ = _nvrtc()
+    d_state, dt_rank = PRESETS['tiny']
+    big = dataclasses.replace(cuda_scan.PRESETS['many_blocks'].config, tile_l=32, stages=3)
+    assert fitted(big, d_state, dt_rank).tile_l == 32
+    assert fitted(big, d_state, dt_rank).channels < big.channels  # static: shrunk to 48 KB
+    cfg = fitted(dataclasses.replace(big, dynamic_smem=True), d_state, dt_rank)
+    assert (cfg.channels, cfg.stages) == (big.channels, big.stages)  # dynamic: kept whole
+    budget = shared_bytes(d_state, dt_rank, cfg, cfg.stages)
+    assert SMEM_LIMIT < budget <= cuda_scan.DYNAMIC_SMEM_LIMIT
+    assert cuda_scan.launch_smem(d_state, dt_rank, cfg) == budget
+    assert cuda_scan.launch_smem(d_state, dt_rank, fitted(big, d_state, dt_rank)) == 0
+    source = (cuda_scan.source_defines(d_state, dt_rank, torch.bfloat16, cfg, 'vim_scan_final')
+              + cuda_scan.SOURCE.read_text())
+    cubin, _ = compile_(source, 'vim_scan_final', '90')
+    sections = elf_sections(cubin)
+    for kernel in ('vim_scan_final', 'vim_scan_summary'):
+        assert f'.text.{kernel}' in sections
+        assert sections.get(f'.nv.shared.{kernel}', 0) <= RESERVED_SMEM  # no static tiles
+    with pytest.raises(ValueError, match='227 KB'):
+        fitted(dataclasses.replace(DEFAULT_CONFIG, tile_l=1024, dynamic_smem=True), 16, 12)
+
+
 def test_fitted_drops_stages_then_channels_until_the_tiles_fit():
     big = dataclasses.replace(DEFAULT_CONFIG, stages=4, channels=128)
     for d_state, dt_rank in PRESETS.values():

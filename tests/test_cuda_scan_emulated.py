@@ -92,6 +92,8 @@ CASES = [  # (batch, L, E, N, R), dtype, config changes, chunks
     ((3, 101, 48, 16, 12), torch.bfloat16, 'few_blocks', 1),
     ((1, 130, 32, 16, 12), torch.float16, 'few_blocks', 3),
     ((2, 70, 64, 16, 12), torch.bfloat16, ('few_blocks', dict(stages=3)), 2),
+    # tiles past 48 KB (dynamic shared memory on the GPU; the emulation keeps them static)
+    ((2, 77, 128, 16, 12), torch.bfloat16, ('many_blocks', dict(tile_l=32, dynamic_smem=True)), 3),
 ]
 
 

@@ -37,7 +37,7 @@ import torch
 
 __all__ = ['InferScanConfig', 'infer_scan_choice', 'cuda_scan_applies', 'layout_problem',
            'Preset', 'PRESETS', 'auto_config', 'fitted', 'staged_width', 'shared_bytes',
-           'x_piece_bytes',
+           'x_piece_bytes', 'smem_limit', 'launch_smem',
            'launch_plan', 'bidirectional_scan_infer', 'bidirectional_scan_infer_reference']
 
 SOURCE = Path(__file__).with_name('csrc') / 'bimamba_scan_fwd.cu'
@@ -66,6 +66,9 @@ class InferScanConfig:
     # bytes per cp.async of x_dbl's rows: 16 where the rows are 16-byte aligned and padded to it
     # (the mixer's are), 8 otherwise (launch_plan decides from the inputs)
     x_piece: int = 16
+    # the tiles in dynamic shared memory, up to DYNAMIC_SMEM_LIMIT per block instead of the 48 KB
+    # of static shared memory: larger tiles for sweeps (no preset uses it; not timed yet)
+    dynamic_smem: bool = False
 
 
 DEFAULT_CONFIG = InferScanConfig()
@@ -192,6 +195,11 @@ def auto_config(batch: int, E: int, L: int, sm_count: int) -> InferScanConfig:
 
 _kernels: dict = {}
 SMEM_LIMIT = 48 * 1024  # static shared memory of one block
+DYNAMIC_SMEM_LIMIT = 227 * 1024  # dynamic shared memory of one block on sm_90 (opt-in)
+
+
+def smem_limit(cfg: InferScanConfig) -> int:
+    return DYNAMIC_SMEM_LIMIT if cfg.dynamic_smem else SMEM_LIMIT
 
 
 def staged_width(width: int, piece_bytes: int) -> int:
@@ -211,15 +219,16 @@ def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
 
 def fitted(cfg: InferScanConfig, d_state: int, dt_rank: int) -> InferScanConfig:
     """``cfg`` with fewer stages (down to 2), then fewer channels per block, until the tiles
-    fit the 48 KB of static shared memory of a block."""
-    while shared_bytes(d_state, dt_rank, cfg, cfg.stages) > SMEM_LIMIT:
+    fit the shared memory of a block (:func:`smem_limit`: 48 KB static, or the dynamic limit)."""
+    while shared_bytes(d_state, dt_rank, cfg, cfg.stages) > smem_limit(cfg):
         if cfg.stages > 2:
             cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
         elif cfg.channels > 8:
             cfg = dataclasses.replace(cfg, channels=cfg.channels // 2)
         else:
-            raise ValueError(f'InferScanConfig {cfg} cannot fit 48 KB of shared memory for '
-                             f'd_state={d_state}, dt_rank={dt_rank}; lower tile_l')
+            raise ValueError(f'InferScanConfig {cfg} cannot fit {smem_limit(cfg) // 1024} KB '
+                             f'of shared memory for d_state={d_state}, dt_rank={dt_rank}; '
+                             'lower tile_l')
     return cfg
 
 
@@ -230,6 +239,7 @@ def source_defines(d_state: int, dt_rank: int, dtype: torch.dtype, cfg: InferSca
                   SPLIT=cfg.split, TT=cfg.tile_l, STAGES=cfg.stages,
                   FP16=int(dtype == torch.float16), MIN_BLOCKS=cfg.min_blocks,
                   PREP_BY_ROW=int(cfg.prep_by_row), XV=cfg.x_piece,
+                  DYN_SMEM=int(cfg.dynamic_smem),
                   NPOLY=cfg.poly_final if kernel == 'vim_scan_final' else cfg.poly_summary)
     return ''.join(f'#define {k} {v}\n' for k, v in consts.items())
 
@@ -239,11 +249,24 @@ def _compile(d_state: int, dt_rank: int, dtype: torch.dtype, cfg: InferScanConfi
     key = (d_state, dt_rank, dtype, dataclasses.replace(cfg, n_chunks=1),  # a launch setting
            torch.cuda.current_device())
     if key not in _kernels:
-        _kernels[key] = tuple(
+        kernels = tuple(
             torch.cuda._compile_kernel(source_defines(d_state, dt_rank, dtype, cfg, name)
                                        + SOURCE.read_text(), name)
             for name in ('vim_scan_final', 'vim_scan_summary'))
+        if cfg.dynamic_smem:  # the attribute a launch with more than 48 KB needs
+            for kernel in kernels:
+                if not hasattr(kernel, 'set_shared_memory_config'):
+                    raise RuntimeError('InferScanConfig(dynamic_smem=True) needs torch with '
+                                       f'_CudaKernel.set_shared_memory_config ({torch.__version__} '
+                                       'lacks it); use the static presets')
+                kernel.set_shared_memory_config(launch_smem(d_state, dt_rank, cfg))
+        _kernels[key] = kernels
     return _kernels[key]
+
+
+def launch_smem(d_state: int, dt_rank: int, cfg: InferScanConfig) -> int:
+    """Dynamic shared memory bytes a launch of the fitted ``cfg`` passes (0: static tiles)."""
+    return shared_bytes(d_state, dt_rank, cfg, cfg.stages) if cfg.dynamic_smem else 0
 
 
 def _direction(p: dict):
@@ -319,10 +342,12 @@ def bidirectional_scan_infer(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict,
     sm_count = _sm_count(u_f.device.index if u_f.device.index is not None
                          else torch.cuda.current_device())
     cfg, out, args, launches = launch_plan(u_f, x_f, u_b, x_b, z, fwd, bwd, cfg, sm_count)
-    final, summary = _compile(fwd['A'].shape[1], fwd['dt_proj_w'].shape[1], u_f.dtype, cfg)
+    d_state, dt_rank = fwd['A'].shape[1], fwd['dt_proj_w'].shape[1]
+    final, summary = _compile(d_state, dt_rank, u_f.dtype, cfg)
     kernels = dict(vim_scan_final=final, vim_scan_summary=summary)
+    smem = launch_smem(d_state, dt_rank, cfg)
     for name, grid, block in launches:
-        kernels[name](grid=grid, block=block, args=args)
+        kernels[name](grid=grid, block=block, args=args, shared_mem=smem)
     return out
 
 

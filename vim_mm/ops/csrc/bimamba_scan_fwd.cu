@@ -46,7 +46,7 @@
 // width, [dt | B | C]), CH (channels per block), SPLIT (lanes per channel: CH * SPLIT threads),
 // TT (tokens per tile), STAGES, XV (bytes per copy of an x_dbl row piece), FP16 (inputs fp16
 // instead of bf16), NPOLY, MIN_BLOCKS (blocks per SM the registers must allow), PREP_BY_ROW
-// (below).
+// (below), DYN_SMEM (BLOCK_TILES).
 
 typedef unsigned short u16;
 typedef long long i64;
@@ -190,6 +190,17 @@ struct Tiles {
   float2 ld[TT + 2][CH];     // (log2(1 + e^x), dt u) per token and channel
   float yp[TT][CH][SPLIT];   // the lanes' partial C . h
 };
+
+// Where a block's tiles live: static shared memory (at most 48 KB), or with DYN_SMEM dynamic
+// shared memory (the launch passes its size: up to the device's opt-in limit, larger tiles).
+// The CPU emulation keeps static tiles (the same logic).
+#if DYN_SMEM && !defined(VIM_SCAN_EMULATE)
+#define BLOCK_TILES(s)                                    \
+  extern __shared__ __align__(16) unsigned char s##_raw[]; \
+  Tiles& s = *reinterpret_cast<Tiles*>(s##_raw)
+#else
+#define BLOCK_TILES(s) __shared__ __align__(16) Tiles s
+#endif
 
 // Everything one block needs to know about its direction, batch row and token range.
 struct Walk {
@@ -484,7 +495,7 @@ __device__ __forceinline__ Walk make_walk(int dir, int chunk, int b, int e0, con
 // units: the chunk's decay is 2^(A * sum)). Only chunks with a successor in their walk order:
 // grid.z = 2 * (n_chunks - 1), forward chunks 0..n-2 then backward chunks 1..n-1.
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) vim_scan_summary(SCAN_ARGS) {
-  __shared__ __align__(16) Tiles s;
+  BLOCK_TILES(s);
   const int per_dir = n_chunks - 1;
   const int dir = blockIdx.z / per_dir;
   const int chunk = blockIdx.z % per_dir + dir;
@@ -507,7 +518,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) vim_scan_summary(SC
 // Outputs: grid.z = 2 * n_chunks (forward chunks, then backward chunks). With n_chunks > 1 each
 // chunk first combines the summaries of the chunks before it in its walk order.
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) vim_scan_final(SCAN_ARGS) {
-  __shared__ __align__(16) Tiles s;
+  BLOCK_TILES(s);
   const int dir = blockIdx.z / n_chunks;
   const int chunk = blockIdx.z % n_chunks;
   const int b = blockIdx.y, e0 = blockIdx.x * CH;
