@@ -34,6 +34,41 @@ def test_benchmark_tool_cpu(tmp_path):
     replot = str(tmp_path / 'replot.png')
     run('--from-json', out, '--plot', replot)
     assert osp.getsize(replot) > 0
+    # every Vim row over the DeiT rows of its size at its mode, resolution and batch
+    speed = {(r['model'], r['res'], r['mode']): r['img_per_s'] for r in rows}
+    assert {(r['model'], r['baseline'], r['res'], r['mode']) for r in result['ratios']} == {
+        (m, d, res, mode) for m in ('vim-t', 'vim-t+cp') for d in ('deit-t', 'deit-t-plain')
+        for res in (32, 48) for mode in ('infer', 'train')}
+    for r in result['ratios']:
+        want = speed[r['model'], r['res'], r['mode']] / speed[r['baseline'], r['res'], r['mode']]
+        assert abs(r['ratio'] - want) <= 1e-9 * want
+
+
+def test_ratios_from_several_runs(tmp_path):
+    """--from-json --out: the ratios of rows from separate files (the mamba-ssm path run
+    alone), to the DeiT of the same size and to the mamba-ssm path, never across sizes or
+    shapes, and not for rows without a number."""
+    def row(model, res, batch, speed=None):
+        r = dict(model=model, res=res, batch=batch, mode='infer')
+        r.update(dict(img_per_s=speed) if speed else dict(result='OOM'))
+        return r
+    a, b = str(tmp_path / 'a.json'), str(tmp_path / 'b.json')
+    with open(a, 'w') as f:
+        json.dump(dict(results=[row('vim-t@triton', 1248, 16, 689.5), row('deit-t', 1248, 16, 635.1),
+                                row('vim-s@triton', 1248, 16, 300.0), row('deit-t', 2048, 4, 124.4)]), f)
+    with open(b, 'w') as f:
+        json.dump(dict(results=[row('vim-t@cuda', 1248, 16, 254.0), row('deit-s', 1248, 16)]), f)
+    out = str(tmp_path / 'ratios.json')
+    printed = run('--from-json', a, b, '--out', out)
+    with open(out) as f:
+        got = json.load(f)
+    assert got['sources'] == [a, b] and '--from-json' in got['command']
+    pairs = {(r['model'], r['baseline']): r['ratio'] for r in got['ratios']}
+    assert pairs.keys() == {('vim-t@triton', 'deit-t'), ('vim-t@triton', 'vim-t@cuda'),
+                            ('vim-t@cuda', 'deit-t')}
+    assert abs(pairs['vim-t@triton', 'vim-t@cuda'] - 689.5 / 254.0) < 1e-12
+    assert abs(pairs['vim-t@cuda', 'deit-t'] - 254.0 / 635.1) < 1e-12
+    assert '2.715x vim-t@cuda' in printed
 
 
 def test_unknown_model_option_is_refused():

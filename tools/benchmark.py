@@ -14,7 +14,10 @@ scan follows $VIM_MM_INFER_SCAN (default: the CUDA C++ scan where it applies), a
 deit-s (mmpretrain VisionTransformer, fused SDPA attention) and deit-t-plain / deit-s-plain (the same with plain
 matmul-softmax attention, as in the paper's comparison). ``--neck`` adds the SimpleFPN neck.
 Timing: warm-up, then CUDA events around each step (host clock on CPU), median of repeats;
-an out-of-memory is recorded as "OOM". Writes JSON (and a PNG plot with --plot).
+an out-of-memory is recorded as "OOM". Writes JSON (and a PNG plot with --plot) with the
+throughput ratios of every Vim row to the DeiT rows of its size and to the mamba-ssm path
+(``vim-t@cuda``, the stand-in for the authors' kernels) at the same mode, resolution and batch;
+``--from-json A.json B.json --out R.json`` records them for rows from several runs.
 """
 from __future__ import annotations
 
@@ -199,6 +202,30 @@ def plot(rows, path):
     fig.savefig(path, dpi=100)
 
 
+def ratios(rows) -> list[dict]:
+    """img/s of every Vim row over each baseline measured at its mode, resolution and batch:
+    DeiT models of the same size (deit-t for vim-t, plain attention too) and, for rows other
+    than the mamba-ssm path itself, that path (``vim-x@cuda``)."""
+    def size(name):
+        return name.split('@')[0].split('+')[0].replace('-plain', '').split('-')[-1]
+
+    timed = [r for r in rows if 'img_per_s' in r]
+    out = []
+    for row in timed:
+        if not row['model'].startswith('vim'):
+            continue
+        for base in timed:
+            same = all(base[k] == row[k] for k in ('mode', 'res', 'batch'))
+            deit = base['model'].startswith('deit') and size(base['model']) == size(row['model'])
+            authors = (base['model'] == row['model'].split('@')[0].split('+')[0] + '@cuda'
+                       and base['model'] != row['model'])
+            if same and (deit or authors):
+                out.append(dict(mode=row['mode'], res=row['res'], batch=row['batch'],
+                                model=row['model'], baseline=base['model'],
+                                ratio=row['img_per_s'] / base['img_per_s']))
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['vim-t', 'deit-t', 'deit-t-plain'])
@@ -218,16 +245,25 @@ def main():
     parser.add_argument('--out', help='JSON file for the results')
     parser.add_argument('--plot', help='PNG file for the plot')
     parser.add_argument('--from-json', nargs='+', metavar='JSON',
-                        help='measure nothing: plot the rows of these result files into --plot')
+                        help='measure nothing: plot the rows of these result files into --plot '
+                             'and/or write their ratios to --out')
     args = parser.parse_args()
     if args.from_json:
-        if not args.plot:
-            parser.error('--from-json needs --plot PNG')
+        if not (args.plot or args.out):
+            parser.error('--from-json needs --plot PNG and/or --out JSON')
         rows = []
         for path in args.from_json:
             with open(path) as f:
                 rows += json.load(f)['results']
-        plot(rows, args.plot)
+        if args.plot:
+            plot(rows, args.plot)
+        if args.out:
+            with open(args.out, 'w') as f:
+                json.dump(dict(command=' '.join(sys.argv), sources=args.from_json,
+                               ratios=ratios(rows)), f, indent=1)
+        for r in ratios(rows):
+            print(f"{r['mode']:5s} {r['model']:14s} {r['res']:5d} b{r['batch']:<4d} "
+                  f"{r['ratio']:.3f}x {r['baseline']}")
         return
     if len(args.batch) not in (1, len(args.res)):
         parser.error('--batch takes one value or one per --res')
@@ -260,9 +296,12 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu',
                 torch=torch.__version__, dtype=args.dtype, command=' '.join(sys.argv),
                 threads=torch.get_num_threads())
+    for r in ratios(rows):
+        print(f"{r['mode']:5s} {r['model']:14s} {r['res']:5d} b{r['batch']:<4d} "
+              f"{r['ratio']:.3f}x {r['baseline']}")
     if args.out:
         with open(args.out, 'w') as f:
-            json.dump(dict(meta=meta, results=rows), f, indent=1)
+            json.dump(dict(meta=meta, results=rows, ratios=ratios(rows)), f, indent=1)
     if args.plot:
         plot(rows, args.plot)
 
