@@ -42,16 +42,24 @@ def make_inputs(batch, cin, h, w, n, patch, seed=0, bias=True):
     (1, 3, 48, 48, 32, 16, dict(bias=False)),
     (2, 3, 32, 64, 96, 16, dict(block_m=16, block_n=32, rows=2, num_warps=2)),
     (2, 3, 48, 32, 256, 16, {}),                     # the wide-N defaults (block_n 128, 2 rows)
+    (2, 3, 48, 80, 40, 16, dict(cls=True)),          # a class token in the middle (15 -> 16 rows)
+    (3, 3, 40, 48, 24, 16, dict(cls=True, block_m=16)),  # 9 patches: the token after it shifts
 ])
 def test_kernel_matches_the_twin(dtype, batch, cin, h, w, n, patch, options):
     options = dict(options)
-    bias = options.pop('bias', True)
+    bias, cls = options.pop('bias', True), options.pop('cls', False)
     image, weight, b, pos = make_inputs(batch, cin, h, w, n, patch, seed=h + w + n, bias=bias)
+    cls_token = torch.randn(1, 1, n) if cls else None
+    if cls:
+        pos = torch.cat([pos, torch.randn(1, 1, n)], dim=1)  # one more row
     got = pe.patch_embed_with_position(*(t if t is None else t.to(DEVICE)
-                                         for t in (image, weight, b, pos)), patch, dtype, **options)
+                                         for t in (image, weight, b, pos)), patch, dtype,
+                                       cls_token=None if cls_token is None else cls_token.to(DEVICE),
+                                       **options)
     want = pe.patch_embed_with_position_torch(image.double(), weight.double(),
                                               None if b is None else b.double(), pos.double(),
-                                              patch, dtype)
+                                              patch, dtype,
+                                              None if cls_token is None else cls_token.double())
     assert got.dtype == torch.float32 and got.shape == want.shape
     err = ((got.double().cpu() - want).abs().max() / want.abs().max()).item()
     assert err < TOL[dtype], err
@@ -87,18 +95,22 @@ def embedded(model, image, dtype, calls):
 
 
 @run_here
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_backbone_embeds_in_one_kernel_where_it_applies(monkeypatch, dtype):
+@pytest.mark.parametrize('dtype, cls', [(torch.float16, False), (torch.bfloat16, False),
+                                        (torch.bfloat16, True)])
+def test_backbone_embeds_in_one_kernel_where_it_applies(monkeypatch, dtype, cls):
     """The Triton path at inference under a 16-bit autocast takes the kernel, with the same stream
-    as the unfused lines (one resized position grid, a padded image); anywhere else it does not."""
+    as the unfused lines (one resized position grid, a padded image, with or without a class
+    token); anywhere else it does not."""
     calls = []
     kernel = pe.patch_embed_with_position
     monkeypatch.setattr(pe, 'patch_embed_with_position',
                         lambda *a, **k: calls.append(1) or kernel(*a, **k))
     torch.manual_seed(0)
-    model = VisionMamba('demo', img_size=64, backend='triton').to(DEVICE).eval()
+    model = VisionMamba('demo', img_size=64, backend='triton', with_cls_token=cls).to(DEVICE).eval()
     with torch.no_grad():
         model.pos_embed.normal_()
+        if cls:
+            model.cls_token.normal_()
     image = torch.randn(2, 3, 70, 90)  # 5 x 6 patches, padded; grid differs from 4 x 4
     fused, n = embedded(model, image, dtype, calls)
     assert n == 1
@@ -116,9 +128,8 @@ def test_backbone_embeds_in_one_kernel_where_it_applies(monkeypatch, dtype):
     assert fused_dtype(model) == dtype
     assert fused_dtype(model, grad=True) is None          # training: autograd through PyTorch
     assert fused_dtype(model, autocast=None) is None      # float32: the F.linear precision
-    cls = VisionMamba('demo', img_size=64, backend='triton', with_cls_token=True).to(DEVICE).eval()
     torch_path = VisionMamba('demo', img_size=64, backend='torch').to(DEVICE).eval()
-    assert fused_dtype(cls) is None and fused_dtype(torch_path) is None
+    assert fused_dtype(torch_path) is None
 
 
 @pytest.mark.skipif(not STALE_TRITON, reason='the tests above ran in this process')

@@ -381,7 +381,8 @@ class VisionMamba(nn.Module):
             grid, proj = self.patch_embed.check(x), self.patch_embed.proj
             return patch_embed_with_position(x, proj.weight, proj.bias,
                                              self.position_embedding(grid),
-                                             self.patch_embed.patch_size[0], dtype), grid
+                                             self.patch_embed.patch_size[0], dtype,
+                                             cls_token=self.cls_token), grid
         tokens, grid = self.patch_embed(x)
         if self.with_cls_token:
             tokens = insert_middle(tokens, self.cls_token.expand(tokens.shape[0], -1, -1))
@@ -391,11 +392,11 @@ class VisionMamba(nn.Module):
     def _fused_embedding_dtype(self, x: torch.Tensor):
         """Autocast's dtype where :meth:`_embed` runs one kernel: the Triton path (CUDA, or
         Triton's interpreter) in inference (grad mode off) under a bf16/fp16 autocast, square
-        non-overlapping patches, no class token, a float32 position embedding, an image batch
-        and its tokens within the kernel's 32-bit offsets; else None."""
+        non-overlapping patches, a float32 position embedding, an image batch and its tokens
+        within the kernel's 32-bit offsets; else None."""
         from ...ops.triton_patch_embed import offsets_fit
         kind, patch = x.device.type, self.patch_embed
-        if (torch.is_grad_enabled() or self.with_cls_token or self.active_backend != 'triton'
+        if (torch.is_grad_enabled() or self.active_backend != 'triton'
                 or patch.patch_size != patch.stride or len(set(patch.patch_size)) != 1
                 or x.dim() != 4 or not offsets_fit(x, patch.patch_size[0], self.embed_dims)
                 or (self.training and self.pos_drop.p > 0)
