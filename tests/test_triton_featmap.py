@@ -21,10 +21,12 @@ DEVICE = 'cpu' if ON_CPU else 'cuda'
     (1, (8, 8), 192, torch.float16, True, {}),      # Vim-Ti width (padded to 256)
     (3, (4, 6), 24, torch.float32, False, {}),      # an intermediate output: no norm
     (2, (9, 9), 384, torch.bfloat16, True, dict(block_t=16, num_warps=8)),
+    (2, (5, 7), 40, torch.bfloat16, True, dict(cls_token=True)),   # row 17 of 36 left out
+    (1, (4, 4), 24, torch.float32, False, dict(cls_token=True, block_t=8)),
 ])
 def test_kernel_matches_the_twin(batch, grid, C, dtype, norm, options):
     g = torch.Generator().manual_seed(C + grid[0])
-    L = grid[0] * grid[1]
+    L = grid[0] * grid[1] + int(options.get('cls_token', False))
     residual = torch.randn(batch, L, C, generator=g) * 3
     x = torch.randn(batch, L, C, generator=g).to(dtype)
     weight = torch.rand(C, generator=g) + 0.5 if norm else None
@@ -32,7 +34,8 @@ def test_kernel_matches_the_twin(batch, grid, C, dtype, norm, options):
                                  None if weight is None else weight.to(DEVICE), 1e-5, grid,
                                  **options)
     want = fm.add_norm_to_featmap_torch(residual.double(), x.double(),
-                                        None if weight is None else weight.double(), 1e-5, grid)
+                                        None if weight is None else weight.double(), 1e-5, grid,
+                                        options.get('cls_token', False))
     assert got.shape == (batch, C, *grid) and got.dtype == torch.float32 and got.is_contiguous()
     torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
 
@@ -58,17 +61,19 @@ def features(model, image, calls, autocast=torch.bfloat16):
 
 
 @run_here
-def test_backbone_outputs_through_the_kernel_where_it_applies(monkeypatch):
+@pytest.mark.parametrize('cls', [False, True])
+def test_backbone_outputs_through_the_kernel_where_it_applies(monkeypatch, cls):
     """Feature maps on the Triton path at inference come from the kernel (every output index,
-    the normed last one too) and equal the PyTorch lines'; with a class token, in grad mode or on
-    the PyTorch path they do not."""
+    the normed last one too; a class token left out) and equal the PyTorch lines'; in grad mode,
+    for class-token outputs or on the PyTorch path they do not."""
     calls = []
     kernel = fm.add_norm_to_featmap
     monkeypatch.setattr(fm, 'add_norm_to_featmap',
                         lambda *a, **k: calls.append(a[2] is not None) or kernel(*a, **k))
     torch.manual_seed(0)
     arch = dict(embed_dims=32, num_layers=2, d_state=4)
-    model = VisionMamba(arch, img_size=32, backend='triton', out_indices=(0, 1)).to(DEVICE)
+    model = VisionMamba(arch, img_size=32, backend='triton', out_indices=(0, 1),
+                        with_cls_token=cls).to(DEVICE)
     model.eval()
     with torch.no_grad():
         model.norm_f.weight.uniform_(0.5, 1.5)
@@ -86,7 +91,8 @@ def test_backbone_outputs_through_the_kernel_where_it_applies(monkeypatch):
         assert model._fused_featmap()
     assert not model._fused_featmap()  # grad mode
     with torch.no_grad():
-        for other in (VisionMamba('demo', backend='triton', with_cls_token=True),
+        for other in (VisionMamba('demo', backend='triton', with_cls_token=True,
+                                  out_type='cls_token'),
                       VisionMamba('demo', backend='torch')):
             assert not other.to(DEVICE)._fused_featmap()
 

@@ -429,7 +429,8 @@ class VisionMamba(nn.Module):
                         and residual.numel() < 2 ** 31):
                     from ...ops.triton_featmap import add_norm_to_featmap
                     outs.append(add_norm_to_featmap(residual, x, self.norm_f.weight if norm
-                                                    else None, self.norm_f.eps, grid))
+                                                    else None, self.norm_f.eps, grid,
+                                                    cls_token=self.with_cls_token))
                     continue
                 stream = add_branch(residual, x, scale)
                 feat = self.norm_f(stream) if norm else stream
@@ -438,10 +439,11 @@ class VisionMamba(nn.Module):
 
     def _fused_featmap(self) -> bool:
         """Whether an output's residual add, final norm and transpose run as one kernel
-        (:func:`~vim_mm.ops.triton_featmap.add_norm_to_featmap`): feature maps without a class
-        token, on the Triton path (CUDA, or Triton's interpreter) in inference (grad mode off)."""
-        return (self.out_type == 'featmap' and not self.with_cls_token
-                and not torch.is_grad_enabled() and self.active_backend == 'triton')
+        (:func:`~vim_mm.ops.triton_featmap.add_norm_to_featmap`): feature maps (a class token
+        left out of them as :meth:`_format_output` does), on the Triton path (CUDA, or Triton's
+        interpreter) in inference (grad mode off)."""
+        return (self.out_type == 'featmap' and not torch.is_grad_enabled()
+                and self.active_backend == 'triton')
 
     def _format_output(self, feat, grid):
         if self.out_type == 'raw':
