@@ -80,21 +80,24 @@ def test_backbone_outputs_through_the_kernel_where_it_applies(monkeypatch, cls):
     image = torch.randn(2, 3, 32, 48)
     fused, n = features(model, image, calls)
     assert n == 2 and calls == [False, True]  # two layers: index 1 is the normed last
-    monkeypatch.setattr(model, '_fused_featmap', lambda: False)
+    monkeypatch.setattr(model, '_fused_featmap', lambda residual, scale: False)
     plain, n = features(model, image, calls)
     assert n == 2
     for a, b in zip(fused, plain):
         assert a.shape == b.shape == (2, model.embed_dims, 2, 3)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     monkeypatch.undo()
+    stream = torch.zeros(2, 6, model.embed_dims, device=DEVICE)
     with torch.no_grad():
-        assert model._fused_featmap()
-    assert not model._fused_featmap()  # grad mode
+        assert model._fused_featmap(stream, None)
+        assert not model._fused_featmap(stream, torch.ones(2, device=DEVICE))  # drop path
+        assert not model._fused_featmap(stream.double(), None)  # a float64 model's stream
+    assert not model._fused_featmap(stream, None)  # grad mode
     with torch.no_grad():
         for other in (VisionMamba('demo', backend='triton', with_cls_token=True,
                                   out_type='cls_token'),
                       VisionMamba('demo', backend='torch')):
-            assert not other.to(DEVICE)._fused_featmap()
+            assert not other.to(DEVICE)._fused_featmap(stream, None)
 
 
 @pytest.mark.skipif(not STALE_TRITON, reason='the tests above ran in this process')

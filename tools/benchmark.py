@@ -43,13 +43,20 @@ SCANS = {'cscan': 'cuda', 'tscan': 'triton'}  # suffix: VIM_MM_INFER_SCAN for th
 SUFFIXES = ('cp', 'graph', *SCANS)
 
 
+def parse_name(name: str):
+    """vim-t@triton+cp+graph -> ('vim-t', 'triton', ['cp', 'graph']): the model, its forced
+    mixer path ('' if none) and its options (deit-t-plain -> 'deit-t')."""
+    model_name, *options = name.split('+')
+    base, _, forced = model_name.replace('-plain', '').partition('@')
+    return base, forced, options
+
+
 def build(name: str, res: int, backend: str | None, neck: bool):
     # vim-t@triton+cp+graph: mixer path, the backbone's with_cp and cuda_graph options
-    model_name, *options = name.split('+')
+    base, forced, options = parse_name(name)
     if set(options) - set(SUFFIXES):
         raise SystemExit(f'unknown option in {name!r}: the suffixes are '
                          + ', '.join('+' + k for k in SUFFIXES))
-    base, _, forced = model_name.replace('-plain', '').partition('@')
     backend = forced or backend
     for scan in set(options) & set(SCANS):
         if backend != 'triton':
@@ -206,24 +213,28 @@ def ratios(rows) -> list[dict]:
     """img/s of every Vim row over each baseline measured at its mode, resolution and batch:
     DeiT models of the same size (deit-t for vim-t, plain attention too) and, for rows other
     than the mamba-ssm path itself, that path (``vim-x@cuda``)."""
-    def size(name):
-        return name.split('@')[0].split('+')[0].replace('-plain', '').split('-')[-1]
-
     timed = [r for r in rows if 'img_per_s' in r]
     out = []
     for row in timed:
-        if not row['model'].startswith('vim'):
+        model = parse_name(row['model'])[0]
+        if model not in VIM:
             continue
         for base in timed:
             same = all(base[k] == row[k] for k in ('mode', 'res', 'batch'))
-            deit = base['model'].startswith('deit') and size(base['model']) == size(row['model'])
-            authors = (base['model'] == row['model'].split('@')[0].split('+')[0] + '@cuda'
-                       and base['model'] != row['model'])
+            baseline = parse_name(base['model'])[0]
+            deit = baseline in DEIT and baseline[-1] == model[-1]  # deit-t for vim-t
+            authors = base['model'] == model + '@cuda' != row['model']
             if same and (deit or authors):
                 out.append(dict(mode=row['mode'], res=row['res'], batch=row['batch'],
                                 model=row['model'], baseline=base['model'],
                                 ratio=row['img_per_s'] / base['img_per_s']))
     return out
+
+
+def print_ratios(found):
+    for r in found:
+        print(f"{r['mode']:5s} {r['model']:14s} {r['res']:5d} b{r['batch']:<4d} "
+              f"{r['ratio']:.3f}x {r['baseline']}")
 
 
 def main():
@@ -255,15 +266,14 @@ def main():
         for path in args.from_json:
             with open(path) as f:
                 rows += json.load(f)['results']
+        found = ratios(rows)
+        print_ratios(found)
         if args.plot:
             plot(rows, args.plot)
         if args.out:
             with open(args.out, 'w') as f:
                 json.dump(dict(command=' '.join(sys.argv), sources=args.from_json,
-                               ratios=ratios(rows)), f, indent=1)
-        for r in ratios(rows):
-            print(f"{r['mode']:5s} {r['model']:14s} {r['res']:5d} b{r['batch']:<4d} "
-                  f"{r['ratio']:.3f}x {r['baseline']}")
+                               ratios=found), f, indent=1)
         return
     if len(args.batch) not in (1, len(args.res)):
         parser.error('--batch takes one value or one per --res')
@@ -296,12 +306,11 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu',
                 torch=torch.__version__, dtype=args.dtype, command=' '.join(sys.argv),
                 threads=torch.get_num_threads())
-    for r in ratios(rows):
-        print(f"{r['mode']:5s} {r['model']:14s} {r['res']:5d} b{r['batch']:<4d} "
-              f"{r['ratio']:.3f}x {r['baseline']}")
+    found = ratios(rows)
+    print_ratios(found)
     if args.out:
         with open(args.out, 'w') as f:
-            json.dump(dict(meta=meta, results=rows, ratios=ratios(rows)), f, indent=1)
+            json.dump(dict(meta=meta, results=rows, ratios=found), f, indent=1)
     if args.plot:
         plot(rows, args.plot)
 

@@ -22,8 +22,6 @@ Two kernels, picked by ``impl`` (default :data:`DEFAULT_IMPL`) so they can be A/
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +31,7 @@ try:
 except ImportError:
     triton = None
 
-INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
+from .triton_scan import INTERPRET  # noqa: E402  (TRITON_INTERPRET=1: CPU tests)
 
 __all__ = ['bidirectional_conv', 'bidirectional_conv_torch', 'DEFAULT_IMPL']
 

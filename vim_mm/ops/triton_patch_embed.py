@@ -18,8 +18,6 @@ Forward only; :func:`patch_embed_with_position_torch` is the PyTorch twin.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -32,9 +30,9 @@ except ImportError:
 __all__ = ['patch_embed_with_position', 'patch_embed_with_position_torch', 'default_settings',
            'offsets_fit']
 
-# Triton's CPU interpreter (3.8) multiplies bf16 tiles wrongly in tl.dot: there the kernel
-# multiplies the same 16-bit values as float32 (the products are exact either way)
-INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
+# Triton's CPU interpreter (3.8) multiplies bf16 tiles wrongly in tl.dot: there (INTERPRET) the
+# kernel multiplies the same 16-bit values as float32 (the products are exact either way)
+from .triton_scan import INTERPRET  # noqa: E402
 
 
 def patch_embed_with_position_torch(image, weight, bias, pos, patch: int, dtype: torch.dtype,

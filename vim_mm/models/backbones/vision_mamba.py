@@ -420,13 +420,11 @@ class VisionMamba(nn.Module):
         fused = self.active_backend != 'torch'  # the PyTorch path stays PyTorch end to end
         x, residual, scale = stream, None, None
         checkpoint = self.with_cp and self.training and torch.is_grad_enabled()
-        fused_featmap = self._fused_featmap()
         for index, layer in enumerate(self.layers):
             x, residual, scale = layer(x, residual, scale, rope, fused, checkpoint)
             if index in self.out_indices:
                 norm = index == last and self.final_norm
-                if (fused_featmap and scale is None and residual.dtype == torch.float32
-                        and residual.numel() < 2 ** 31):
+                if self._fused_featmap(residual, scale):
                     from ...ops.triton_featmap import add_norm_to_featmap
                     outs.append(add_norm_to_featmap(residual, x, self.norm_f.weight if norm
                                                     else None, self.norm_f.eps, grid,
@@ -437,12 +435,14 @@ class VisionMamba(nn.Module):
                 outs.append(self._format_output(feat, grid))
         return tuple(outs)
 
-    def _fused_featmap(self) -> bool:
+    def _fused_featmap(self, residual: torch.Tensor, scale) -> bool:
         """Whether an output's residual add, final norm and transpose run as one kernel
         (:func:`~vim_mm.ops.triton_featmap.add_norm_to_featmap`): feature maps (a class token
         left out of them as :meth:`_format_output` does), on the Triton path (CUDA, or Triton's
-        interpreter) in inference (grad mode off)."""
-        return (self.out_type == 'featmap' and not torch.is_grad_enabled()
+        interpreter) in inference (grad mode off, no stochastic-depth scale), a float32 stream
+        within the kernel's 32-bit offsets."""
+        return (self.out_type == 'featmap' and not torch.is_grad_enabled() and scale is None
+                and residual.dtype == torch.float32 and residual.numel() < 2 ** 31
                 and self.active_backend == 'triton')
 
     def _format_output(self, feat, grid):
