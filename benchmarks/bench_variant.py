@@ -8,10 +8,6 @@ same-call A/Bs of the end-to-end numbers (tenth session):
                session's one-kernel embedding, ``VisionMamba._fused_embedding_dtype``)
     FEATMAP=plain  the output's residual add, final norm and transpose by the PyTorch lines
                (as before the eleventh session's kernel, ``VisionMamba._fused_featmap``)
-    XPROJ=plain  conv + SiLU by the conv kernel and x_proj by two GEMMs (as before the twelfth
-               session's one kernel, ``BiMambaMixer._fuses_conv_x_proj``)
-    NORMPROJ=plain  the block's add + RMSNorm and in_proj as two kernels (as before the twelfth
-               session's one kernel, ``BiMambaMixer.fuses_add_norm``)
 
     NOCACHE=1 CONV=tile python benchmarks/bench_variant.py --models vim-t@triton --res 1024 \
         --batch 16 --mode infer --dtype bf16 --cuda-graph --out nocache.json
@@ -39,10 +35,6 @@ if os.environ.get('EMBED') == 'plain':
     VisionMamba._fused_embedding_dtype = lambda self, x: None
 if os.environ.get('FEATMAP') == 'plain':
     VisionMamba._fused_featmap = lambda self, residual, scale: False
-if os.environ.get('XPROJ') == 'plain':
-    BiMambaMixer._fuses_conv_x_proj = lambda self, x: False
-if os.environ.get('NORMPROJ') == 'plain':
-    BiMambaMixer.fuses_add_norm = lambda self, x, residual: False
 if os.environ.get('CONV'):
     triton_conv.DEFAULT_IMPL = os.environ['CONV']
 sys.argv = [str(ROOT / 'tools' / 'benchmark.py')] + sys.argv[1:]

@@ -239,9 +239,6 @@ def fake_scan(monkeypatch):
     monkeypatch.setattr(triton_conv, 'bidirectional_conv', triton_conv.bidirectional_conv_torch)
     monkeypatch.setattr(BiMambaMixer, '_use_cuda_scan', lambda self, u, z: True)
     monkeypatch.setattr(cuda_scan, 'bidirectional_scan_infer', fake)
-    # the stand-in conv and cuBLAS x_proj / norm + in_proj, not the fused Triton kernels
-    monkeypatch.setattr(BiMambaMixer, '_fuses_conv_x_proj', lambda self, x: False)
-    monkeypatch.setattr(BiMambaMixer, 'fuses_add_norm', lambda self, x, residual: False)
     return fake
 
 

@@ -88,99 +88,57 @@ class BiMambaMixer(nn.Module):
         """Token-major (batch, L, channels) throughout, no flips and no transposes.
 
         The backward branch's causal conv on the reversed sequence is an anti-causal conv with
-        mirrored taps (one Triton kernel makes both directions, and both x_proj outputs with
-        them, when no gradient is needed; the PyTorch twin otherwise), and the scans run that
-        branch right to left. The fused Triton scan takes ``x_proj``'s rows reordered to
-        [B, C, dt] and padded to a multiple of 16 so that every token's B and C are aligned
-        vectors; the CUDA C++ inference scan (no gradients, 16-bit activations:
-        ``vim_mm/ops/cuda_scan.py``) reads x_proj's output as it is (rows padded to 16 bytes)
-        and applies dt_proj itself. Where no gradient is needed, the weights that branch
-        derives come from :meth:`_inference_weights` (cached) where grad mode is off: never in
-        a training step (grad mode on, also where a frozen block needs no gradient), so
-        training CUDA graphs never read the cache and re-derive from the parameters they read
-        in place."""
-        dtype = self._compute_dtype(hidden_states)
-        cached = (None if torch.is_grad_enabled()
-                  else self._inference_weights(hidden_states.device, dtype))
-        in_proj = self.in_proj.weight if cached is None else cached.in_proj
-        return self._mix_xz(F.linear(hidden_states, in_proj), hidden_states, dtype, cached)
-
-    def fuses_add_norm(self, x: torch.Tensor, residual) -> bool:
-        """Whether :meth:`forward_add_norm` applies: inference (grad mode off) on the Triton
-        path, ``x`` 16-bit in the dtype in_proj computes in (bf16/fp16 under autocast),
-        ``residual`` None or the float32 stream, within the kernel's offsets."""
-        from ..ops.triton_norm_linear import add_norm_linear_applies
-        return (not torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16)
-                and x.dtype == self._compute_dtype(x)
-                and (residual is None or residual.dtype == torch.float32)
-                and resolve_backend(self.backend, x.device.type, needs_grad=False) == 'triton'
-                and add_norm_linear_applies(x))
-
-    def forward_add_norm(self, x, residual, norm_weight, eps: float):
-        """The block's residual add and RMSNorm, in_proj and the rest of :meth:`forward_triton`:
-        ``(out, new_residual)``. The add, the norm and in_proj are one kernel
-        (:func:`~vim_mm.ops.triton_norm_linear.add_norm_linear`): the normalised tokens are
-        never written. Only where :meth:`fuses_add_norm`."""
-        from ..ops.triton_norm_linear import add_norm_linear
-        cached = self._inference_weights(x.device, x.dtype)
-        xz, residual = add_norm_linear(x, residual, norm_weight, eps, cached.in_proj)
-        return self._mix_xz(xz, x, x.dtype, cached), residual
-
-    def _mix_xz(self, xz, hidden_states, dtype, cached):
-        """:meth:`forward_triton` from in_proj's output ``xz`` (batch, L, 2E) on."""
+        mirrored taps (one Triton kernel makes both directions when no gradient is needed; the
+        PyTorch twin otherwise), and the scans run that branch right to left. The fused Triton
+        scan takes ``x_proj``'s rows reordered to [B, C, dt] and padded to a multiple of 16 so
+        that every token's B and C are aligned vectors; the CUDA C++ inference scan (no
+        gradients, 16-bit activations: ``vim_mm/ops/cuda_scan.py``) reads x_proj's output as
+        it is (rows padded to 16 bytes, for the GEMM) and applies dt_proj itself. Where no
+        gradient is needed, the weights that branch derives come from
+        :meth:`_inference_weights` (cached) where grad mode is off: never in a training step
+        (grad mode on, also where a frozen block needs no gradient), so training CUDA graphs
+        never read the cache and re-derive from the parameters they read in place."""
+        from ..ops.triton_conv import bidirectional_conv, bidirectional_conv_torch
+        from ..ops.triton_scan import bidirectional_selective_scan
         N, R = self.d_state, self.dt_rank
+        dtype = self._compute_dtype(hidden_states)
         grads = torch.is_grad_enabled() and any(
             t.requires_grad for t in (hidden_states, *self.parameters()))
+        cached = (None if torch.is_grad_enabled()  # grads implies grad mode
+                  else self._inference_weights(hidden_states.device, dtype))
+        in_proj = self.in_proj.weight if cached is None else cached.in_proj
+        xz = F.linear(hidden_states, in_proj)  # (B, L, 2E)
         x, z = xz.chunk(2, dim=-1)
         conv_params = (self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight,
                        self.conv1d_b.bias)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *conv_params))
+        conv = bidirectional_conv_torch if needs_grad else bidirectional_conv
+        us = conv(x, *conv_params)
         inference = not grads or not any(  # nothing the scan reads needs a grad
             t.requires_grad for t in (x, *(p for name, p in self.named_parameters()
                                            if not name.startswith(('in_proj.', 'out_proj.')))))
-        # x has z's layout, and u will be contiguous: what the C++ scan checks holds for both
-        if inference and self._use_cuda_scan(x, z):
+        if inference and self._use_cuda_scan(us[0], z):
             from ..ops.cuda_scan import bidirectional_scan_infer
             w = self._derive_weights(dtype) if cached is None else cached  # grads: out_proj's
-            u_f, u_b, xd_f, xd_b = self._conv_x_proj(x, conv_params, w.x_proj, inference)
             width = R + 2 * N  # x_proj's rows padded to 16 bytes: cuBLAS's fast GEMMs need it
-            y = bidirectional_scan_infer(u_f, xd_f[..., :width], u_b, xd_b[..., :width], z,
-                                         w.fwd, w.bwd)
+            x_dbls = [F.linear(u, x_proj)[..., :width]
+                      for u, x_proj in zip(us, w.x_proj)]  # [dt | B | C]
+            y = bidirectional_scan_infer(us[0], x_dbls[0], us[1], x_dbls[1], z, w.fwd, w.bwd)
             # y = [y_fwd, y_bwd] (gated, halved): out_proj over [W, W] adds the directions
             return F.linear(y, w.out_proj, self.out_proj.bias)
-        from ..ops.triton_scan import bidirectional_selective_scan
         fwd, bwd = self.direction_params(''), self.direction_params('_b')
         pad = -(2 * N + R) % 16
-        x_proj = [torch.cat([w[R:], w[:R], w.new_zeros(pad, w.shape[1])])
-                  for w in (fwd['x_proj_w'], bwd['x_proj_w'])]
-        u_f, u_b, *x_dbls = self._conv_x_proj(x, conv_params, x_proj, inference)
         args = []
-        for u, x_dbl, p in zip((u_f, u_b), x_dbls, (fwd, bwd)):  # x_dbl: [B | C | dt | pad]
+        for u, p in zip(us, (fwd, bwd)):
+            w = p['x_proj_w']
+            w = torch.cat([w[R:], w[:R], w.new_zeros(pad, w.shape[1])])
+            x_dbl = F.linear(u, w)  # (B, L, [B | C | dt | pad])
             delta = F.linear(x_dbl[..., 2 * N:2 * N + R], p['dt_proj_w'])  # (B, L, E)
             args += [u.transpose(1, 2), delta.transpose(1, 2), p['A'],
                      x_dbl[..., :N].transpose(1, 2), x_dbl[..., N:2 * N].transpose(1, 2),
                      p['D'].float(), p['dt_bias'].float()]
         y = bidirectional_selective_scan(*args, z.transpose(1, 2))  # (B, E, L), token-major
         return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)
-
-    def _conv_x_proj(self, x, conv_params, x_proj, inference: bool):
-        """Both directions' conv + SiLU and x_proj: ``(u_f, u_b, x_dbl_f, x_dbl_b)``. Where
-        nothing needs a gradient, one Triton kernel (:meth:`_fuses_conv_x_proj`) or the conv
-        kernel and two GEMMs; else the PyTorch conv twin and two GEMMs."""
-        from ..ops import triton_conv
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *conv_params))
-        if inference and not needs_grad and self._fuses_conv_x_proj(x):
-            from ..ops.triton_conv_xproj import conv_xproj
-            return conv_xproj(x, *conv_params, *(w.to(x.dtype) for w in x_proj))
-        conv = triton_conv.bidirectional_conv_torch if needs_grad else triton_conv.bidirectional_conv
-        us = conv(x, *conv_params)
-        return (*us, *(F.linear(u, w) for u, w in zip(us, x_proj)))
-
-    def _fuses_conv_x_proj(self, x) -> bool:
-        """Whether conv + x_proj run as one kernel (:mod:`vim_mm.ops.triton_conv_xproj`):
-        16-bit activations on CUDA (or Triton's interpreter) and a conv of width <= 4."""
-        from ..ops.triton_conv_xproj import conv_xproj_applies
-        return (x.dtype in (torch.bfloat16, torch.float16) and conv_xproj_applies(x)
-                and self.conv1d.weight.shape[-1] <= 4)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype ``F.linear(x, in_proj.weight)`` computes in: autocast's where it is on

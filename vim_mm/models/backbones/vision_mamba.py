@@ -61,9 +61,6 @@ class VimBlock(nn.Module):
         return out, residual, self.drop_path.row_scale(out)
 
     def _mix(self, x, residual, scale, rope, fused):
-        if fused and rope is None and scale is None and self.mixer.fuses_add_norm(x, residual):
-            # inference: the add, the norm and in_proj as one kernel
-            return self.mixer.forward_add_norm(x, residual, self.norm.weight, self.norm.eps)
         hidden, residual = add_rms_norm(x, residual, self.norm.weight, self.norm.eps, scale, fused)
         if rope is not None:
             hidden = VisionRotaryEmbedding.rotate(hidden, *rope)
