@@ -28,15 +28,15 @@ def make_inputs(batch, L, E, width=4, dtype=torch.float32, layout='in_proj', see
     plain tensor."""
     g = torch.Generator().manual_seed(seed)
     if layout == 'contiguous':
-        x = torch.randn(batch, L, E, generator=g)
-    else:
-        xz = torch.randn(batch, L, 2 * E, generator=g)
+        x = torch.randn(batch, L, E, generator=g).to(DEVICE, dtype)
+    else:  # moved before slicing: .to() of a strided view makes it contiguous on a GPU
+        xz = torch.randn(batch, L, 2 * E, generator=g).to(DEVICE, dtype)
         x = xz[..., :E] if layout == 'in_proj' else xz[..., E:]
     w_f, w_b = torch.randn(E, 1, width, generator=g), torch.randn(E, 1, width, generator=g)
     if weight_shape == 'flat':
         w_f, w_b = w_f[:, 0], w_b[:, 0]
     b_f, b_b = torch.randn(E, generator=g), torch.randn(E, generator=g)
-    return [t.to(DEVICE, dtype) for t in (x, w_f, b_f, w_b, b_b)]
+    return [x] + [t.to(DEVICE, dtype) for t in (w_f, b_f, w_b, b_b)]
 
 
 def reference(x, w_f, b_f, w_b, b_b):
@@ -98,7 +98,7 @@ def test_stream_layouts_and_weight_shapes(layout, weight_shape):
 def test_stream_channel_strided_x_is_made_contiguous():
     """A channel stride other than 1 (an (L, E) transpose) is copied first, as for 'tile'."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 10, 9, generator=g).transpose(1, 2)  # (2, 9, 10), channel stride 9
+    x = torch.randn(2, 10, 9, generator=g).to(DEVICE).transpose(1, 2)  # channel stride 9
     _, *params = make_inputs(2, 9, 10, seed=3)
     outs = bidirectional_conv(x, *params, block_e=8, impl='stream', chunk_l=4)
     check(outs, reference(x, *params), x)
@@ -154,11 +154,12 @@ def test_mixer_inference_with_stream_default(monkeypatch):
     after GPU timing will do) still equals the PyTorch mixer."""
     from vim_mm.models.mixer import BiMambaMixer
     torch.manual_seed(0)
-    ref = BiMambaMixer(16, d_state=4, expand=2, backend='torch')
-    fast = BiMambaMixer(16, d_state=4, expand=2, backend='triton')
+    ref = BiMambaMixer(16, d_state=4, expand=2, backend='torch').to(DEVICE)
+    fast = BiMambaMixer(16, d_state=4, expand=2, backend='triton').to(DEVICE)
     fast.load_state_dict(ref.state_dict())
-    h = torch.randn(2, 13, 16)
+    h = torch.randn(2, 13, 16, device=DEVICE)
     monkeypatch.setattr(triton_conv, 'DEFAULT_IMPL', 'stream')
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)  # the PyTorch conv in fp32
     with torch.no_grad():
         torch.testing.assert_close(fast(h), ref(h), atol=1e-5, rtol=1e-5)
 

@@ -1,4 +1,5 @@
-"""The fused bidirectional Triton scan against its PyTorch twin, on CPU via Triton's interpreter.
+"""The fused bidirectional Triton scan against its PyTorch twin, on CPU via Triton's interpreter
+(on a GPU machine on the GPU).
 
 Tiny shapes and tiles so that every path runs: one chunk, many chunks (with the chunk-carry scan
 spanning several tiles), a length that is not a multiple of the tile, a channel count that is
@@ -15,6 +16,7 @@ pytest.importorskip('triton')
 
 import vim_mm.ops.triton_scan as triton_scan  # noqa: E402
 
+DEVICE = 'cpu' if ON_CPU else 'cuda'
 
 NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'bias')
 
@@ -23,8 +25,8 @@ def make_inputs(batch, E, N, L, layout='plain', seed=0):
     """Random inputs of both directions (original token order) and the shared z."""
     g = torch.Generator().manual_seed(seed)
 
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
+    def randn(*shape, scale=1.0):  # on the device before any view: .to() would copy views
+        return torch.randn(*shape, generator=g).to(DEVICE) * scale
 
     def direction():
         if layout == 'vim':  # B, C, delta as strided views of x_proj / dt_proj outputs
@@ -40,7 +42,7 @@ def make_inputs(batch, E, N, L, layout='plain', seed=0):
             B, C, delta = randn(batch, N, L), randn(batch, N, L), randn(batch, E, L, scale=0.5)
         if layout == 'grouped':  # mamba-ssm's (batch, groups=1, N, L)
             B, C = B.unsqueeze(1), C.unsqueeze(1)
-        A = -(torch.rand(E, N, generator=g) * 2 + 0.1)
+        A = -(torch.rand(E, N, generator=g) * 2 + 0.1).to(DEVICE)
         u = randn(batch, L, E).transpose(1, 2) if layout == 'token' else randn(batch, E, L)
         return dict(u=u, delta=delta, A=A, B=B, C=C, D=randn(E),
                     bias=randn(E, scale=0.5))
@@ -59,7 +61,8 @@ def leaves(inputs):
     """Fresh leaf copies with the same strides, so both runs see identical layouts."""
     out = []
     for t in inputs:
-        leaf = torch.empty_strided(t.shape, t.stride()).copy_(t) if t.dim() < 4 else \
+        leaf = torch.empty_strided(t.shape, t.stride(), device=t.device).copy_(t) \
+            if t.dim() < 4 else \
             t.detach().clone()
         out.append(leaf.requires_grad_())
     return out
@@ -87,7 +90,7 @@ def test_matches_torch_reference(batch, E, N, L, cfg, layout):
     assert out.shape == (batch, E, L) and out.dtype == torch.float32
     assert (out.stride(1) == 1) == (layout == 'token')  # the output keeps u's layout
     assert rel_err(out, expected) < 1e-3
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     out.backward(grad)
     expected.backward(grad)
     names = [f'{n}_{d}' for d in ('f', 'b') for n in NAMES] + ['z']
@@ -109,13 +112,13 @@ def test_bf16_matches_torch_and_word_loads_are_exact(monkeypatch):
     config = triton_scan.ScanConfig(block_e=4, bwd_block_e=4, block_l=8, block_c=4)
     assert triton_scan._bc_words(triton_scan._direction_args(*inputs[:7]),
                                  triton_scan._direction_args(*inputs[7:14]))
-    ours = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t).requires_grad_()
-            for t in inputs]
+    ours = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+            .requires_grad_() for t in inputs]
     ref = leaves([t.float() for t in inputs])
     out = triton_scan.bidirectional_selective_scan(*ours, config=config)
     expected = triton_scan.bidirectional_selective_scan_reference(*ref)
     assert out.dtype == torch.bfloat16 and rel_err(out, expected) < 1e-2
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     out.backward(grad.to(torch.bfloat16))
     expected.backward(grad)
     for i, (a, r) in enumerate(zip(ours, ref)):
@@ -155,8 +158,8 @@ def test_reference_is_vims_flipped_branch():
     inputs = make_inputs(batch, E, N, L, seed=3)
     u_f, d_f, A_f, B_f, C_f, D_f, bias_f, u_b, d_b, A_b, B_b, C_b, D_b, bias_b, z = inputs
     dt = torch.nn.functional.softplus(d_b + bias_b[:, None])
-    h = torch.zeros(batch, E, N)
-    y_b = torch.empty(batch, E, L)
+    h = torch.zeros(batch, E, N, device=DEVICE)
+    y_b = torch.empty(batch, E, L, device=DEVICE)
     for t in reversed(range(L)):  # right to left in original order
         h = torch.exp(dt[..., t, None] * A_b) * h + (dt * u_b)[..., t, None] * B_b[:, None, :, t]
         y_b[..., t] = (h * C_b[:, None, :, t]).sum(-1) + D_b * u_b[..., t]
@@ -168,15 +171,17 @@ def test_reference_is_vims_flipped_branch():
 
 @run_here
 @pytest.mark.parametrize('batch,L,E,block_l,block_e', [(2, 7, 6, 8, 4), (1, 41, 20, 8, 8)])
-def test_bidirectional_conv_is_vims_flipped_causal_conv(batch, L, E, block_l, block_e):
+def test_bidirectional_conv_is_vims_flipped_causal_conv(monkeypatch, batch, L, E,
+                                                        block_l, block_e):
     """Both directions' conv + SiLU from token-major x (a slice of in_proj's output), over
     several token and channel tiles, against the per-direction definition with flips."""
     from vim_mm.ops.torch_ops import causal_conv1d_torch
     from vim_mm.ops.triton_conv import bidirectional_conv, bidirectional_conv_torch
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)  # the reference's conv, fp32
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, L, 2 * E, generator=g)[..., :E]
-    w_f, w_b = torch.randn(E, 1, 4, generator=g), torch.randn(E, 1, 4, generator=g)
-    b_f, b_b = torch.randn(E, generator=g), torch.randn(E, generator=g)
+    x = torch.randn(batch, L, 2 * E, generator=g).to(DEVICE)[..., :E]
+    w_f, w_b = (torch.randn(E, 1, 4, generator=g).to(DEVICE) for _ in range(2))
+    b_f, b_b = (torch.randn(E, generator=g).to(DEVICE) for _ in range(2))
     u_f, u_b = bidirectional_conv(x, w_f, b_f, w_b, b_b, block_l=block_l, block_e=block_e)
     xc = x.transpose(1, 2)
     expected_f = causal_conv1d_torch(xc, w_f, b_f).transpose(1, 2)
