@@ -61,9 +61,10 @@ def leaves(inputs):
     """Fresh leaf copies with the same strides, so both runs see identical layouts."""
     out = []
     for t in inputs:
-        leaf = torch.empty_strided(t.shape, t.stride(), device=t.device).copy_(t) \
-            if t.dim() < 4 else \
-            t.detach().clone()
+        if t.dim() < 4:
+            leaf = torch.empty_strided(t.shape, t.stride(), device=t.device).copy_(t)
+        else:
+            leaf = t.detach().clone()
         out.append(leaf.requires_grad_())
     return out
 
