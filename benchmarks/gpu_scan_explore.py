@@ -6,6 +6,12 @@ batch-filled Vim-Ti shapes (CUDA-graph replays, as ``gpu_infer_scan.py`` times t
 
     python benchmarks/gpu_scan_explore.py   # writes $OUT/h200_infer_scan_v11_explore.json
     python benchmarks/gpu_scan_explore.py --out results/h200_infer_scan_v14_explore.json
+
+The ``specialized`` variants (twelfth session: a producer warp per block, CPU-emulated only)
+against the presets, also at 1248 px (16 x 6085), without the rest of the grid:
+
+    python benchmarks/gpu_scan_explore.py --only specialized --shapes 16x4097 16x6085 128x197 \
+        --out results/h200_infer_scan_ws_explore.json
 """
 import argparse
 import dataclasses
@@ -25,24 +31,35 @@ FEW_VARIANTS = [dict(), dict(tile_l=16), dict(tile_l=16, stages=3), dict(channel
                 dict(channels=32), dict(split=2), dict(channels=32, split=2), dict(poly_final=1),
                 dict(min_blocks=6), dict(channels=8, tile_l=64), dict(split=8),
                 dict(split=8, tile_l=16), dict(channels=8, split=8), dict(tile_l=16, min_blocks=8),
-                dict(channels=32, dynamic_smem=True), dict(tile_l=64, dynamic_smem=True)]
+                dict(channels=32, dynamic_smem=True), dict(tile_l=64, dynamic_smem=True),
+                dict(specialized=True, tile_l=16), dict(specialized=True, tile_l=16, min_blocks=6),
+                dict(specialized=True, tile_l=16, min_blocks=7),
+                dict(specialized=True, tile_l=16, stages=3, min_blocks=6),
+                dict(specialized=True, channels=32, tile_l=16, min_blocks=3),
+                dict(specialized=True, channels=8, tile_l=32)]
 MANY_VARIANTS = [dict(), dict(split=4), dict(channels=32), dict(tile_l=32, stages=2),
                  dict(channels=32, split=4, tile_l=32, stages=2), dict(min_blocks=3),
                  dict(poly_final=1), dict(tile_l=8, stages=3),
                  dict(tile_l=32, stages=2, dynamic_smem=True),
                  dict(tile_l=32, stages=3, dynamic_smem=True),
-                 dict(channels=128, dynamic_smem=True)]
+                 dict(channels=128, dynamic_smem=True),
+                 dict(specialized=True, channels=32, tile_l=16, min_blocks=3)]
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--out', default=str(Path(os.environ.get('OUT', '.'))
                                              / 'h200_infer_scan_v11_explore.json'))
+    parser.add_argument('--only', help='time only the variants with this field (and the presets)')
+    parser.add_argument('--shapes', nargs='+', default=['16x4097', '32x1025', '128x197'],
+                        help='BxL shapes (Vim-Ti: 16x4097 at 1024 px b16, 16x6085 at 1248)')
     args = parser.parse_args()
     rows = []
-    for batch, L in [(16, 4097), (32, 1025), (128, 197)]:
+    for batch, L in (map(int, shape.split('x')) for shape in args.shapes):
         for base, name, variants in ((FEW, 'few', FEW_VARIANTS), (MANY, 'many', MANY_VARIANTS)):
             for change in variants:
+                if args.only and change and args.only not in change:
+                    continue
                 option = dict(base, **change)
                 try:
                     ms = g.timings(batch, L, cfg=InferScanConfig(**option),
