@@ -66,7 +66,7 @@ typedef long long i64;
 #define XF XWP                            // fp32 row of a tile
 #define XB R                              // where B starts in a row
 #define XC (R + NS)                       // where C starts
-#define NT (CH * SPLIT)                   // walker threads (steps 3; all steps unless SPECIALIZED)
+#define NT (CH * SPLIT)                   // walkers (step 3; every step unless SPECIALIZED)
 #if SPECIALIZED
 #define NP 32                             // producer threads (one warp): steps 1, 2 and 4
 #define NBUF 2                            // tile buffers shared by walkers and producers
@@ -481,7 +481,8 @@ __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int b
 }
 
 #if !SPECIALIZED
-// Steps 1-4 of every tile by the same threads, four barriers per tile.
+// Steps 1-4 of every tile by the same threads, four barriers per tile. Written out as timed
+// (v13): built from the helpers above, the same steps compile to other SASS (checked).
 template <bool FINAL>
 __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
                                      const float (&A)[NPT], const float (&W)[R], float bias,
