@@ -459,13 +459,11 @@ __device__ __forceinline__ void walk_one_tile(Tiles& s, const Walk& w, int buf, 
   }
 }
 
-// Step 4 for tile k, channel pc, rows pr0 + j PREP_STRIDE: every row's sum read before any is
-// stored, gated by go, stored as 16 bits.
-__device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int buf, int k,
-                                            int pc, int pr0, const float2 (&go)[PREP_ROWS],
-                                            bool active) {
-  const int t0 = tile_start(w, k);
-  const bool whole = t0 >= w.lo && t0 + TT <= w.hi;
+// Step 4 for the tile starting at token t0 (whole: within the chunk), channel pc, rows
+// pr0 + j PREP_STRIDE: every row's sum read before any is stored, gated by go, stored as 16 bits.
+__device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int buf, int t0,
+                                            bool whole, int pc, int pr0,
+                                            const float2 (&go)[PREP_ROWS], bool active) {
   constexpr int K = PREP_ROWS;
   float y[K];
 #pragma unroll
@@ -481,8 +479,9 @@ __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int b
 }
 
 #if !SPECIALIZED
-// Steps 1-4 of every tile by the same threads, four barriers per tile. Written out as timed
-// (v13): built from the helpers above, the same steps compile to other SASS (checked).
+// Steps 1-4 of every tile by the same threads, four barriers per tile. The copy issue and the
+// walk stay written out as timed (v13): through issue_next / walk_one_tile the same steps
+// compile to other SASS (checked; with convert_tile and output_tile it is identical).
 template <bool FINAL>
 __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
                                      const float (&A)[NPT], const float (&W)[R], float bias,
@@ -504,18 +503,7 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     if (kn < n_tiles - 1) issue_tile<FINAL, true>(s, w, kn, kn % STAGES);
     else if (kn == n_tiles - 1) issue_tile<FINAL, false>(s, w, kn, kn % STAGES);
     cp_async_commit();
-    {  // the tile's x_dbl rows in fp32: one flat pass, four values at a time
-      constexpr int QN = TT * XWP / 4;
-      const uint2* src = reinterpret_cast<const uint2*>(&s.x[stage][0][0]);
-      float4* dst = reinterpret_cast<float4*>(&s.xf[0][1][0]);
-#pragma unroll
-      for (int j = 0; j < (QN + NT - 1) / NT; ++j) {
-        const int i = threadIdx.x + j * NT;
-        if (QN % NT != 0 && i >= QN) break;
-        const uint2 v = src[i];
-        dst[i] = make_float4(lo_f32(v.x), hi_f32(v.x), lo_f32(v.y), hi_f32(v.y));
-      }
-    }
+    convert_tile(s, stage, 0);  // the tile's x_dbl rows in fp32
     __syncthreads();
     prepare<FINAL>(s, stage, 0, pc, pr0, W, bias, D, go);
     PREP_SYNC();
@@ -536,20 +524,9 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
         }
       }
     }
-    if (FINAL) {  // step 4: every row's sum read before any is stored
+    if (FINAL) {  // step 4
       PREP_SYNC();
-      constexpr int K = PREP_ROWS;
-      float y[K];
-#pragma unroll
-      for (int k = 0; k < K; ++k) y[k] = sum_partials(s.yp[0][pr0 + k * SPLIT][pc]);
-      u16* out = w.out + (t0 + pr0) * w.so_l + pc;  // 32-bit offsets: fewer instructions
-      const int step = SPLIT * w.so_l;
-#pragma unroll
-      for (int k = 0; k < K; ++k, out += step) {
-        const int t = t0 + pr0 + k * SPLIT;
-        const u16 v = from_f32(fmaf(go[k].x, y[k], go[k].y));
-        if (active && (whole || (t >= w.lo && t < w.hi))) *out = v;
-      }
+      output_tile(s, w, 0, t0, whole, pc, pr0, go, active);
     }
   }
   cp_async_wait<0>();
@@ -595,7 +572,8 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
       if (FINAL && k > 0) {  // tile k - 1's outputs (its partials are complete since the barrier)
 #pragma unroll
         for (int j = 0; j < PREP_ROWS; ++j) go[j] = s.go[buf ^ 1][pr0 + j * PREP_STRIDE][pc];
-        output_tile(s, w, buf ^ 1, k - 1, pc, pr0, go, active);
+        const int t0 = tile_start(w, k - 1);
+        output_tile(s, w, buf ^ 1, t0, t0 >= w.lo && t0 + TT <= w.hi, pc, pr0, go, active);
       }
       if (k + 1 < n_tiles) {  // tile k + 1 into the other buffer
         const int stage = (k + 1) % STAGES;
@@ -618,7 +596,8 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
       const int buf = (n_tiles - 1) & 1;
 #pragma unroll
       for (int j = 0; j < PREP_ROWS; ++j) go[j] = s.go[buf][pr0 + j * PREP_STRIDE][pc];
-      output_tile(s, w, buf, n_tiles - 1, pc, pr0, go, active);
+      const int t0 = tile_start(w, n_tiles - 1);
+      output_tile(s, w, buf, t0, t0 >= w.lo && t0 + TT <= w.hi, pc, pr0, go, active);
     }
     cp_async_wait<0>();
   }
