@@ -34,7 +34,7 @@ if os.environ.get('NOCACHE') == '1':
 if os.environ.get('EMBED') == 'plain':
     VisionMamba._fused_embedding_dtype = lambda self, x: None
 if os.environ.get('FEATMAP') == 'plain':
-    VisionMamba._fused_featmap = lambda self, residual, scale: False
+    VisionMamba._fused_featmap = lambda self, residual, x, scale: False
 if os.environ.get('CONV'):
     triton_conv.DEFAULT_IMPL = os.environ['CONV']
 sys.argv = [str(ROOT / 'tools' / 'benchmark.py')] + sys.argv[1:]

@@ -12,8 +12,9 @@ depends on the start: the committed parameters (eleventh session) are
 
 (the start: the tenth session's parameters). A restart elsewhere found a 0.3% lower maximum
 error for many_blocks whose plan at 1 x 4097 was one the sweep never timed: check the plans
-(tests/test_cuda_scan.py) before committing a fit. ``blocks_per_sm`` is not fitted: it is what the kernel's registers and shared
-memory allow (``--blocks-per-sm few_blocks=7``; ptxas -v or ncu's occupancy say it).
+(tests/test_cuda_scan.py) before committing a fit. ``blocks_per_sm`` is not fitted: it is what
+the kernel's registers and shared memory allow (``--blocks-per-sm few_blocks=7``; ptxas -v or
+ncu's occupancy say it).
 
     python benchmarks/fit_scan_model.py results/h200_infer_scan_v13.json --blocks-per-sm few_blocks=7
 """

@@ -80,7 +80,7 @@ def test_backbone_outputs_through_the_kernel_where_it_applies(monkeypatch, cls):
     image = torch.randn(2, 3, 32, 48)
     fused, n = features(model, image, calls)
     assert n == 2 and calls == [False, True]  # two layers: index 1 is the normed last
-    monkeypatch.setattr(model, '_fused_featmap', lambda residual, scale: False)
+    monkeypatch.setattr(model, '_fused_featmap', lambda residual, x, scale: False)
     plain, n = features(model, image, calls)
     assert n == 2
     for a, b in zip(fused, plain):
@@ -89,15 +89,17 @@ def test_backbone_outputs_through_the_kernel_where_it_applies(monkeypatch, cls):
     monkeypatch.undo()
     stream = torch.zeros(2, 6, model.embed_dims, device=DEVICE)
     with torch.no_grad():
-        assert model._fused_featmap(stream, None)
-        assert not model._fused_featmap(stream, torch.ones(2, device=DEVICE))  # drop path
-        assert not model._fused_featmap(stream.double(), None)  # a float64 model's stream
-    assert not model._fused_featmap(stream, None)  # grad mode
+        assert model._fused_featmap(stream, stream, None)
+        assert not model._fused_featmap(stream, stream, torch.ones(2, device=DEVICE))  # drop path
+        assert not model._fused_featmap(stream.double(), stream, None)  # a float64 stream
+        big = torch.empty(2 ** 12, 2 ** 12, 2 ** 8, device='meta')  # past 32-bit offsets
+        assert not model._fused_featmap(big, big, None)
+    assert not model._fused_featmap(stream, stream, None)  # grad mode
     with torch.no_grad():
         for other in (VisionMamba('demo', backend='triton', with_cls_token=True,
                                   out_type='cls_token'),
                       VisionMamba('demo', backend='torch')):
-            assert not other.to(DEVICE)._fused_featmap(stream, None)
+            assert not other.to(DEVICE)._fused_featmap(stream, stream, None)
 
 
 @pytest.mark.skipif(not STALE_TRITON, reason='the tests above ran in this process')

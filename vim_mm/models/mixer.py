@@ -152,10 +152,11 @@ class BiMambaMixer(nn.Module):
         """The C++-scan branch's weights, from the parameters as they are now (differentiable
         where they need gradients). The casts are the casts autocast would make, the pad the
         pad, so ``F.linear`` gives bit-identical outputs with these as with the parameters."""
+        from ..ops.cuda_scan import _direction
         width = self.dt_rank + 2 * self.d_state
         dirs = self.direction_params(''), self.direction_params('_b')
-        scan = [{k: p[k].detach().float().contiguous()  # as cuda_scan._direction makes them
-                 for k in ('dt_proj_w', 'dt_bias', 'A', 'D')} for p in dirs]
+        scan = [dict(zip(('dt_proj_w', 'dt_bias', 'A', 'D'), _direction(p)))  # as the scan takes
+                for p in dirs]
         return InferenceWeights(
             in_proj=self.in_proj.weight.to(dtype),
             x_proj=[F.pad(p['x_proj_w'], (0, 0, 0, -width % 8)).to(dtype) for p in dirs],

@@ -134,11 +134,11 @@ def _rows_aligned(t: torch.Tensor, vec: int) -> bool:
 @dataclass(frozen=True)
 class Preset:
     """A config and the time model :func:`auto_config` plans with, fitted to the H200 sweep of
-    the kernel as it is (benchmarks/README.md, "Eleventh session"; benchmarks/fit_scan_model.py): a walk costs, per token,
-    ``block_us`` per block sharing an SM after the first (:meth:`round_us`), ``latency_us`` for
-    the first, and
-    ``chunked_factor`` times that when chunked (summary + output walks), plus ``launch_us`` per
-    kernel launched; ``blocks_per_sm`` blocks fit an SM at once (registers, shared memory)."""
+    the kernel as it is (benchmarks/README.md, "Eleventh session";
+    benchmarks/fit_scan_model.py): a walk costs, per token, ``block_us`` per block sharing an SM
+    after the first (:meth:`round_us`), ``latency_us`` for the first, and ``chunked_factor``
+    times that when chunked (summary + output walks), plus ``launch_us`` per kernel launched;
+    ``blocks_per_sm`` blocks fit an SM at once (registers, shared memory)."""
     config: InferScanConfig
     blocks_per_sm: int
     block_us: float

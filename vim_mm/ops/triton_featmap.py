@@ -26,7 +26,7 @@ try:
 except ImportError:
     triton = None
 
-__all__ = ['add_norm_to_featmap', 'add_norm_to_featmap_torch']
+__all__ = ['add_norm_to_featmap', 'add_norm_to_featmap_torch', 'offsets_fit']
 
 
 def add_norm_to_featmap_torch(residual, x, weight, eps: float, grid, cls_token: bool = False):
@@ -65,6 +65,12 @@ if triton is not None:
         tl.store(out_ptr + b * so_b + c[None, :] * so_c + t[:, None], s, mask=ok)
 
 
+def offsets_fit(residual, x) -> bool:
+    """Whether both (B, L, C) inputs and the (B, C, L) output fit the kernel's 32-bit offsets."""
+    b, rows, C = residual.shape
+    return max(residual.stride(0), x.stride(0), rows * C) * b < 2 ** 31
+
+
 def add_norm_to_featmap(residual, x, weight, eps: float, grid, cls_token: bool = False,
                         block_t: int = 32, num_warps: int = 4):
     """The Triton kernel for :func:`add_norm_to_featmap_torch` (same arguments and result;
@@ -78,7 +84,7 @@ def add_norm_to_featmap(residual, x, weight, eps: float, grid, cls_token: bool =
         raise ValueError(f'add_norm_to_featmap: residual {tuple(residual.shape)} '
                          f'{residual.dtype} and x {tuple(x.shape)} must match, float32 residual, '
                          f'unit channel stride, {L} positions = grid {tuple(grid)}')
-    if max(residual.stride(0), x.stride(0), rows * C) * b >= 2 ** 31:
+    if not offsets_fit(residual, x):
         raise ValueError('add_norm_to_featmap: the kernel addresses in 32 bits; split the batch '
                          f'of {tuple(residual.shape)}')
     out = torch.empty(b, C, *grid, dtype=torch.float32, device=residual.device)

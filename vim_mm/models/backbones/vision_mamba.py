@@ -424,7 +424,7 @@ class VisionMamba(nn.Module):
             x, residual, scale = layer(x, residual, scale, rope, fused, checkpoint)
             if index in self.out_indices:
                 norm = index == last and self.final_norm
-                if self._fused_featmap(residual, scale):
+                if self._fused_featmap(residual, x, scale):
                     from ...ops.triton_featmap import add_norm_to_featmap
                     outs.append(add_norm_to_featmap(residual, x, self.norm_f.weight if norm
                                                     else None, self.norm_f.eps, grid,
@@ -435,15 +435,17 @@ class VisionMamba(nn.Module):
                 outs.append(self._format_output(feat, grid))
         return tuple(outs)
 
-    def _fused_featmap(self, residual: torch.Tensor, scale) -> bool:
+    def _fused_featmap(self, residual: torch.Tensor, x: torch.Tensor, scale) -> bool:
         """Whether an output's residual add, final norm and transpose run as one kernel
         (:func:`~vim_mm.ops.triton_featmap.add_norm_to_featmap`): feature maps (a class token
         left out of them as :meth:`_format_output` does), on the Triton path (CUDA, or Triton's
         interpreter) in inference (grad mode off, no stochastic-depth scale), a float32 stream
         within the kernel's 32-bit offsets."""
-        return (self.out_type == 'featmap' and not torch.is_grad_enabled() and scale is None
-                and residual.dtype == torch.float32 and residual.numel() < 2 ** 31
-                and self.active_backend == 'triton')
+        if (self.out_type != 'featmap' or torch.is_grad_enabled() or scale is not None
+                or residual.dtype != torch.float32 or self.active_backend != 'triton'):
+            return False
+        from ...ops.triton_featmap import offsets_fit
+        return offsets_fit(residual, x)
 
     def _format_output(self, feat, grid):
         if self.out_type == 'raw':
