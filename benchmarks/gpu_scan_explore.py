@@ -7,6 +7,13 @@ batch-filled Vim-Ti shapes (CUDA-graph replays, as ``gpu_infer_scan.py`` times t
     python benchmarks/gpu_scan_explore.py   # writes $OUT/h200_infer_scan_v11_explore.json
     python benchmarks/gpu_scan_explore.py --out results/h200_infer_scan_v14_explore.json
 
+Any list of changes (``--variants``, JSON; a change applies to few_blocks unless it has
+``"base": "many"``), e.g. the thirteenth session's neighbours of 32 channels in dynamic
+shared memory:
+
+    python benchmarks/gpu_scan_explore.py --shapes 16x4097 16x6085 \
+        --variants '[{"channels": 32}, {"channels": 32, "dynamic_smem": true}]'
+
 The ``specialized`` variants (twelfth session: a producer warp per block, CPU-emulated only)
 against the presets, also at 1248 px (16 x 6085), without the rest of the grid:
 
@@ -51,12 +58,18 @@ def main():
     parser.add_argument('--out', default=str(Path(os.environ.get('OUT', '.'))
                                              / 'h200_infer_scan_v11_explore.json'))
     parser.add_argument('--only', help='time only the variants with this field (and the presets)')
+    parser.add_argument('--variants', type=json.loads,
+                        help='JSON list of changes to time instead of the built-in lists, each '
+                             'on the few_blocks preset unless it has "base": "many"')
     parser.add_argument('--shapes', nargs='+', default=['16x4097', '32x1025', '128x197'],
                         help='BxL shapes (Vim-Ti: 16x4097 at 1024 px b16, 16x6085 at 1248)')
     args = parser.parse_args()
     rows = []
     for batch, L in (map(int, shape.split('x')) for shape in args.shapes):
         for base, name, variants in ((FEW, 'few', FEW_VARIANTS), (MANY, 'many', MANY_VARIANTS)):
+            if args.variants is not None:  # the preset itself, then the given changes
+                variants = [dict()] + [{k: v for k, v in c.items() if k != 'base'}
+                                       for c in args.variants if c.get('base', 'few') == name]
             for change in variants:
                 if args.only and change and args.only not in change:
                     continue

@@ -158,9 +158,10 @@ def test_launch_plan_cuts_whole_tiles_and_launches_summaries_first():
 
 
 RESULTS = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
-# gpu_infer_scan.py --sweep of the current kernel (v13, eleventh session: both presets at every
-# batch-filled shape, chunk counts up to and past a wave, auto_config's plans at the 9 shapes)
-SWEEPS = ['h200_infer_scan_v13.json']
+# gpu_infer_scan.py --sweep of the current kernel and presets (v15, thirteenth session: both presets
+# at every batch-filled shape, chunk counts up to and past a wave, auto_config's plans at the 9
+# shapes; few_blocks with 32 channels)
+SWEEPS = ['h200_infer_scan_v15.json']
 
 
 def measured_plans():
