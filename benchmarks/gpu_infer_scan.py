@@ -286,14 +286,14 @@ def main():
         # each preset in one pass at the batch-filled shapes; chunk counts up to and past one
         # wave (what auto_config may choose) at batch 1-8
         # (few_blocks has 32 channels since the thirteenth session: 24 blocks per chunk at batch 1
-        # and 384 channels, 528 in a wave, so up to 22 chunks; the v15 sweep timed few=(2, 3, 4,
-        # 5, 8) at batch 1 and (1, 2, 3, 4) at batch 2, with auto_config's plans besides)
+        # and 384 channels, 660 in a wave of 5 per SM, so up to 27 chunks; the v15 sweep, of 4
+        # per SM, timed few=(2, 3, 4, 5, 8) at batch 1 and (1, 2, 3, 4) at batch 2)
         grid = {(128, 197): dict(many=(1,), few=(1,)), (32, 1025): dict(many=(1,), few=(1,)),
                 (16, 4097): dict(many=(1,), few=(1, 2)), (16, 6085): dict(many=(1,), few=(1,)),
-                (1, 4097): dict(many=(8, 11, 16, 22, 33, 44), few=(4, 8, 11, 16, 22)),
+                (1, 4097): dict(many=(8, 11, 16, 22, 33, 44), few=(4, 8, 16, 22, 27)),
                 (2, 4097): dict(many=(4, 8, 11, 16, 22), few=(2, 4, 8, 11)),
                 (8, 4097): dict(many=(1, 2, 4, 5), few=(1, 2)),
-                (1, 16385): dict(many=(11, 16, 22, 33, 44), few=(8, 11, 16, 22)),
+                (1, 16385): dict(many=(11, 16, 22, 33, 44), few=(8, 16, 22, 27)),
                 (4, 16385): dict(many=(4, 8, 11, 16), few=(1, 2, 4, 5))}
         for (batch, L), plans in grid.items():
             for name, counts in plans.items():

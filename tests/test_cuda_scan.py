@@ -158,10 +158,10 @@ def test_launch_plan_cuts_whole_tiles_and_launches_summaries_first():
 
 
 RESULTS = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
-# gpu_infer_scan.py --sweep of the current kernel and presets (v15, thirteenth session: both presets
+# gpu_infer_scan.py --sweep of the current kernel and presets (v16, thirteenth session: both presets
 # at every batch-filled shape, chunk counts up to and past a wave, auto_config's plans at the 9
-# shapes; few_blocks with 32 channels)
-SWEEPS = ['h200_infer_scan_v15.json']
+# shapes; few_blocks with 32 channels and 5 blocks per SM)
+SWEEPS = ['h200_infer_scan_v16.json']
 
 
 def measured_plans():

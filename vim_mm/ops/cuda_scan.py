@@ -166,17 +166,18 @@ class Preset:
 
 # many_blocks: two lanes per channel (8 states per lane, fewer shuffles), the faster one when the
 # batch fills the GPU; few_blocks: 32 channels and 32-token tiles per block, 4 lanes per channel
-# (128 threads, 46 KB of tiles: 4 blocks per SM; fewer barriers per token; 4.5% faster than 16
-# channels at 16 x 4097 and 16 x 6085 since the kernel keeps the gates in registers, v15_explore).
+# (128 threads, 45 KB of tiles, at most 102 registers: 5 blocks per SM; 4.5% faster than 16
+# channels at 16 x 4097 and 16 x 6085 since the kernel keeps the gates in registers, v15_explore;
+# the register bound another 1.7%, v16_explore).
 PRESETS = dict(
     many_blocks=Preset(InferScanConfig(channels=64, split=2, tile_l=16, prep_by_row=True,
                                        min_blocks=4),
                        blocks_per_sm=4, block_us=0.0499, latency_us=0.0873, chunked_factor=1.564,
                        launch_us=7.65),
     few_blocks=Preset(InferScanConfig(channels=32, split=4, tile_l=32, stages=2,
-                                      prep_by_row=True),
-                      blocks_per_sm=4, block_us=0.0241, latency_us=0.0510, chunked_factor=1.739,
-                      launch_us=5.11),
+                                      prep_by_row=True, min_blocks=5),
+                      blocks_per_sm=5, block_us=0.0258, latency_us=0.0494, chunked_factor=1.672,
+                      launch_us=9.84),
 )
 
 
@@ -221,7 +222,7 @@ def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
     stay in registers since v13; ``specialized``: the last three doubled, and the gates too)."""
     width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
     staged = staged_width(width, cfg.x_piece)
-    shared = (T + 2) * staged * 4 + (T + 2) * C * 8 + T * C * cfg.split * 4
+    shared = (T + 2) * -(-width // 4) * 16 + (T + 2) * C * 8 + T * C * cfg.split * 4
     if cfg.specialized:
         shared = 2 * (shared + T * C * 8)
     return stages * T * (2 * C + staged) * 2 + shared

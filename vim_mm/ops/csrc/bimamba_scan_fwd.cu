@@ -61,9 +61,10 @@ typedef long long i64;
 
 // x_dbl rows are copied in XV-byte pieces (16 where the rows are 16-byte aligned and padded, as
 // the mixer makes them; else 8): XWP elements of each row are staged. The fp32 copy of a tile
-// keeps the same row layout, [dt | B | C | pad], so converting it is one flat pass.
+// drops the staging pad past whole float4s, [dt | B | C | pad to 4] (Vim: 44 of 48, which lets
+// five 32-channel blocks share an SM's 228 KB).
 #define XWP ((XW * 2 + XV - 1) / XV * XV / 2)
-#define XF XWP                            // fp32 row of a tile
+#define XF ((XW + 3) / 4 * 4)             // fp32 row of a tile
 #define XB R                              // where B starts in a row
 #define XC (R + NS)                       // where C starts
 #define NT (CH * SPLIT)                   // walkers (step 3; every step unless SPECIALIZED)
@@ -420,17 +421,17 @@ __device__ __forceinline__ void issue_next(Tiles& s, const Walk& w, int kn, int 
   cp_async_commit();
 }
 
-// Step 1: the staged tile's x_dbl rows in fp32 into xf[buf]: one flat pass, four values at a
-// time, by the threads that stage tiles (COPY_T of COPY_N).
+// Step 1: the staged tile's x_dbl rows in fp32 into xf[buf]: one pass over the rows' float4s
+// (flat where the rows are as wide as staged), by the threads that stage tiles (COPY_T of COPY_N).
 __device__ __forceinline__ void convert_tile(Tiles& s, int stage, int buf) {
-  constexpr int QN = TT * XWP / 4;
+  constexpr int QR = XF / 4, QN = TT * QR;
   const uint2* src = reinterpret_cast<const uint2*>(&s.x[stage][0][0]);
   float4* dst = reinterpret_cast<float4*>(&s.xf[buf][1][0]);
 #pragma unroll
   for (int j = 0; j < (QN + COPY_N - 1) / COPY_N; ++j) {
     const int i = COPY_T + j * COPY_N;
     if (QN % COPY_N != 0 && i >= QN) break;
-    const uint2 v = src[i];
+    const uint2 v = src[XF == XWP ? i : i / QR * (XWP / 4) + i % QR];
     dst[i] = make_float4(lo_f32(v.x), hi_f32(v.x), lo_f32(v.y), hi_f32(v.y));
   }
 }
