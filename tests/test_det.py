@@ -238,7 +238,10 @@ def test_demo_shapes_dataset(tmp_path):
 
 
 def run_tool(*args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)  # 2 threads thrash a busy 2-core box
+    # the repo first, and what the caller's PYTHONPATH holds (a GPU machine's site dir); 2 threads
+    # thrash a busy 2-core box
+    path = os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=path)
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -35,7 +35,9 @@ def write_config(tmp_path):
 
 
 def run(cmd, cwd):
-    env = dict(os.environ, PYTHONPATH=f'{ROOT}:{ROOT / "tests"}', OMP_NUM_THREADS='1',
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / 'tests'), os.environ.get('PYTHONPATH'))
+                           if p)  # the caller's entries kept (a GPU machine's site dir)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS='1',
                MASTER_PORT=str(29500 + os.getpid() % 1000))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
