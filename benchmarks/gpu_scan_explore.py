@@ -7,6 +7,9 @@ batch-filled Vim-Ti shapes (CUDA-graph replays, as ``gpu_infer_scan.py`` times t
     python benchmarks/gpu_scan_explore.py   # writes $OUT/h200_infer_scan_v11_explore.json
     python benchmarks/gpu_scan_explore.py --out results/h200_infer_scan_v14_explore.json
 
+The built-in lists change the presets as they are now: few_blocks has 32 channels and
+``min_blocks=5`` since the thirteenth session (the JSONs record each launched config).
+
 Any list of changes (``--variants``, JSON; a change applies to few_blocks unless it has
 ``"base": "many"``), e.g. the thirteenth session's neighbours of 32 channels in dynamic
 shared memory:

@@ -134,7 +134,7 @@ def _rows_aligned(t: torch.Tensor, vec: int) -> bool:
 @dataclass(frozen=True)
 class Preset:
     """A config and the time model :func:`auto_config` plans with, fitted to the H200 sweep of
-    the kernel as it is (benchmarks/README.md, "Eleventh session";
+    the kernel as it is (benchmarks/README.md, "Eleventh session" and "Thirteenth session";
     benchmarks/fit_scan_model.py): a walk costs, per token, ``block_us`` per block sharing an SM
     after the first (:meth:`round_us`), ``latency_us`` for the first, and ``chunked_factor``
     times that when chunked (summary + output walks), plus ``launch_us`` per kernel launched;
@@ -166,9 +166,9 @@ class Preset:
 
 # many_blocks: two lanes per channel (8 states per lane, fewer shuffles), the faster one when the
 # batch fills the GPU; few_blocks: 32 channels and 32-token tiles per block, 4 lanes per channel
-# (128 threads, 45 KB of tiles, at most 102 registers: 5 blocks per SM; 4.5% faster than 16
-# channels at 16 x 4097 and 16 x 6085 since the kernel keeps the gates in registers, v15_explore;
-# the register bound another 1.7%, v16_explore).
+# (128 threads, 45 KB of tiles, at most 102 registers: 5 blocks per SM; with the v13 kernel 4.5%
+# faster than 16 channels at 16 x 4097 and 16 x 6085, v15_explore, where v11's were even; the
+# register bound another 1.7%, v16_explore).
 PRESETS = dict(
     many_blocks=Preset(InferScanConfig(channels=64, split=2, tile_l=16, prep_by_row=True,
                                        min_blocks=4),
