@@ -127,7 +127,7 @@ def check(shape, dtype, cfg=None, seed=0):
 def launched(cfg):
     """The fields of a fitted config that shape the launch."""
     return {k: getattr(cfg, k) for k in ('channels', 'split', 'tile_l', 'stages', 'prep_by_row',
-                                         'min_blocks', 'dynamic_smem', 'specialized')}
+                                         'min_blocks', 'dynamic_smem')}
 
 
 def triton_args(us, xs, z, dirs):

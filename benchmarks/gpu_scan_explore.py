@@ -1,27 +1,23 @@
-"""Time the CUDA C++ inference scan's presets and their neighbours (GPU; tenth session).
+"""Time the CUDA C++ inference scan's presets and their neighbours (GPU; since the tenth session).
 
 The presets of ``vim_mm/ops/cuda_scan.py`` with one or two fields changed each, at the
-batch-filled Vim-Ti shapes (CUDA-graph replays, as ``gpu_infer_scan.py`` times them); the
-``dynamic_smem`` variants (eleventh session) hold tiles past 48 KB and have not been timed yet:
+batch-filled Vim-Ti shapes (CUDA-graph replays, as ``gpu_infer_scan.py`` times them). The
+built-in lists change the presets as they are now (few_blocks: 32 channels and
+``min_blocks=5`` since the thirteenth session; each JSON records its launched configs):
 
     python benchmarks/gpu_scan_explore.py   # writes $OUT/h200_infer_scan_v11_explore.json
-    python benchmarks/gpu_scan_explore.py --out results/h200_infer_scan_v14_explore.json
-
-The built-in lists change the presets as they are now: few_blocks has 32 channels and
-``min_blocks=5`` since the thirteenth session (the JSONs record each launched config).
+    python benchmarks/gpu_scan_explore.py --only dynamic_smem --shapes 16x4097 16x6085
 
 Any list of changes (``--variants``, JSON; a change applies to few_blocks unless it has
-``"base": "many"``), e.g. the thirteenth session's neighbours of 32 channels in dynamic
-shared memory:
+``"base": "many"``), e.g. the thirteenth session's neighbours of 32 channels
+(results/h200_infer_scan_v15_explore.json, _v16_explore.json; the full lists are in their
+``command``):
 
-    python benchmarks/gpu_scan_explore.py --shapes 16x4097 16x6085 \
+    python benchmarks/gpu_scan_explore.py --shapes 16x4097 16x6085 32x1025 128x197 \
         --variants '[{"channels": 32}, {"channels": 32, "dynamic_smem": true}]'
 
-The ``specialized`` variants (twelfth session: a producer warp per block, CPU-emulated only)
-against the presets, also at 1248 px (16 x 6085), without the rest of the grid:
-
-    python benchmarks/gpu_scan_explore.py --only specialized --shapes 16x4097 16x6085 128x197 \
-        --out results/h200_infer_scan_ws_explore.json
+(results/h200_infer_scan_ws_explore.json timed the warp-specialised kernel of commits 807ab2d to
+8eef957, since removed: ``--only specialized`` at 8eef957.)
 """
 import argparse
 import dataclasses
@@ -37,23 +33,16 @@ from vim_mm.ops.cuda_scan import PRESETS, InferScanConfig, fitted  # noqa: E402
 
 FEW = dataclasses.asdict(PRESETS['few_blocks'].config)
 MANY = dataclasses.asdict(PRESETS['many_blocks'].config)
-FEW_VARIANTS = [dict(), dict(tile_l=16), dict(tile_l=16, stages=3), dict(channels=8),
-                dict(channels=32), dict(split=2), dict(channels=32, split=2), dict(poly_final=1),
-                dict(min_blocks=6), dict(channels=8, tile_l=64), dict(split=8),
-                dict(split=8, tile_l=16), dict(channels=8, split=8), dict(tile_l=16, min_blocks=8),
-                dict(channels=32, dynamic_smem=True), dict(tile_l=64, dynamic_smem=True),
-                dict(specialized=True, tile_l=16), dict(specialized=True, tile_l=16, min_blocks=6),
-                dict(specialized=True, tile_l=16, min_blocks=7),
-                dict(specialized=True, tile_l=16, stages=3, min_blocks=6),
-                dict(specialized=True, channels=32, tile_l=16, min_blocks=3),
-                dict(specialized=True, channels=8, tile_l=32)]
+FEW_VARIANTS = [dict(), dict(channels=16, min_blocks=1), dict(min_blocks=1), dict(tile_l=16),
+                dict(tile_l=64), dict(stages=3), dict(split=2), dict(split=8), dict(channels=64),
+                dict(poly_final=1), dict(tile_l=16, min_blocks=6), dict(tile_l=16, min_blocks=8),
+                dict(channels=64, dynamic_smem=True), dict(tile_l=64, dynamic_smem=True)]
 MANY_VARIANTS = [dict(), dict(split=4), dict(channels=32), dict(tile_l=32, stages=2),
                  dict(channels=32, split=4, tile_l=32, stages=2), dict(min_blocks=3),
                  dict(poly_final=1), dict(tile_l=8, stages=3),
                  dict(tile_l=32, stages=2, dynamic_smem=True),
                  dict(tile_l=32, stages=3, dynamic_smem=True),
-                 dict(channels=128, dynamic_smem=True),
-                 dict(specialized=True, channels=32, tile_l=16, min_blocks=3)]
+                 dict(channels=128, dynamic_smem=True)]
 
 
 def main():

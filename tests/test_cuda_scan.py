@@ -88,35 +88,6 @@ def test_dynamic_shared_memory_takes_tiles_past_48_kb():
         fitted(dataclasses.replace(DEFAULT_CONFIG, tile_l=1024, dynamic_smem=True), 16, 12)
 
 
-@pytest.mark.parametrize('changes', [dict(tile_l=16), dict(channels=32, tile_l=16)])
-def test_specialized_kernels_compile_with_their_doubled_buffers(changes):
-    """specialized: the kernels compile (NVRTC) with the doubled tile buffers shared_bytes
-    budgets, and a launch takes one producer warp more than the walkers; a config whose
-    channels the producer warp cannot cover is refused by name."""
-    compile_ = _nvrtc()
-    d_state, dt_rank = PRESETS['tiny']
-    base = dataclasses.replace(cuda_scan.PRESETS['few_blocks'].config, **changes)
-    cfg = fitted(dataclasses.replace(base, specialized=True), d_state, dt_rank)
-    budget = shared_bytes(d_state, dt_rank, cfg, cfg.stages)
-    assert budget > shared_bytes(d_state, dt_rank, fitted(base, d_state, dt_rank), cfg.stages)
-    source = (cuda_scan.source_defines(d_state, dt_rank, torch.bfloat16, cfg, 'vim_scan_final')
-              + cuda_scan.SOURCE.read_text())
-    sections = elf_sections(compile_(source, 'vim_scan_final', '90')[0])
-    for kernel in ('vim_scan_final', 'vim_scan_summary'):
-        assert sections[f'.nv.shared.{kernel}'] - RESERVED_SMEM == budget
-    assert cuda_scan.block_threads(cfg) == cfg.channels * cfg.split + 32
-    batch, L, E = 2, 100, 4 * cfg.channels
-    u = torch.zeros(batch, L, E, dtype=torch.bfloat16)
-    x = torch.zeros(batch, L, dt_rank + 2 * d_state, dtype=torch.bfloat16)
-    p = dict(dt_proj_w=torch.zeros(E, dt_rank), dt_bias=torch.zeros(E),
-             A=torch.zeros(E, d_state), D=torch.zeros(E))
-    _, _, _, launches = cuda_scan.launch_plan(u, x, u, x, u, p, p, cfg, sm_count=132)
-    assert [block for _, _, block in launches] == [(cuda_scan.block_threads(cfg), 1, 1)]
-    half_warp = dataclasses.replace(cfg, channels=8, split=2)  # 16 walkers
-    with pytest.raises(ValueError, match='one producer warp'):
-        cuda_scan.launch_plan(u, x, u, x, u, p, p, half_warp, sm_count=132)
-
-
 def test_fitted_drops_stages_then_channels_until_the_tiles_fit():
     big = dataclasses.replace(DEFAULT_CONFIG, stages=4, channels=128)
     for d_state, dt_rank in PRESETS.values():

@@ -67,15 +67,9 @@ class InferScanConfig:
     # (the mixer's are), 8 otherwise (launch_plan decides from the inputs)
     x_piece: int = 16
     # the tiles in dynamic shared memory, up to DYNAMIC_SMEM_LIMIT per block instead of the 48 KB
-    # of static shared memory: larger tiles for sweeps (no preset uses it; not timed yet)
+    # of static shared memory: larger tiles for sweeps (no preset uses it; the configs timed
+    # so far were no faster than static ones, benchmarks/README.md "Thirteenth session")
     dynamic_smem: bool = False
-    # a producer warp per block stages and prepares the next tile and stores the previous one's
-    # outputs while the walkers walk (csrc/bimamba_scan_fwd.cu, SPECIALIZED; twelfth session:
-    # CPU-emulated only, not yet timed on a GPU, no preset uses it)
-    specialized: bool = False
-
-
-PRODUCER_THREADS = 32  # the kernel's NP: one warp
 
 
 DEFAULT_CONFIG = InferScanConfig()
@@ -219,18 +213,11 @@ def staged_width(width: int, piece_bytes: int) -> int:
 def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
     """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, their fp32 rows and
     (l, dt u) per token and channel (two spare rows each), the lanes' partial outputs (the gates
-    stay in registers since v13; ``specialized``: the last three doubled, and the gates too)."""
+    stay in registers since v13)."""
     width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
     staged = staged_width(width, cfg.x_piece)
-    shared = (T + 2) * -(-width // 4) * 16 + (T + 2) * C * 8 + T * C * cfg.split * 4
-    if cfg.specialized:
-        shared = 2 * (shared + T * C * 8)
-    return stages * T * (2 * C + staged) * 2 + shared
-
-
-def block_threads(cfg: InferScanConfig) -> int:
-    """Threads per block: the walkers (``channels * split``) and the producer warp if any."""
-    return cfg.channels * cfg.split + (PRODUCER_THREADS if cfg.specialized else 0)
+    return (stages * T * (2 * C + staged) * 2 + (T + 2) * -(-width // 4) * 16
+            + (T + 2) * C * 8 + T * C * cfg.split * 4)
 
 
 def fitted(cfg: InferScanConfig, d_state: int, dt_rank: int) -> InferScanConfig:
@@ -255,7 +242,7 @@ def source_defines(d_state: int, dt_rank: int, dtype: torch.dtype, cfg: InferSca
                   SPLIT=cfg.split, TT=cfg.tile_l, STAGES=cfg.stages,
                   FP16=int(dtype == torch.float16), MIN_BLOCKS=cfg.min_blocks,
                   PREP_BY_ROW=int(cfg.prep_by_row), XV=cfg.x_piece,
-                  DYN_SMEM=int(cfg.dynamic_smem), SPECIALIZED=int(cfg.specialized),
+                  DYN_SMEM=int(cfg.dynamic_smem),
                   NPOLY=cfg.poly_final if kernel == 'vim_scan_final' else cfg.poly_summary)
     return ''.join(f'#define {k} {v}\n' for k, v in consts.items())
 
@@ -306,11 +293,6 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
     if cfg is None:
         cfg = auto_config(batch, E, L, sm_count)
     cfg = fitted(dataclasses.replace(cfg, x_piece=x_piece_bytes(x_f, x_b)), d_state, dt_rank)
-    if cfg.specialized and (cfg.channels > PRODUCER_THREADS or PRODUCER_THREADS % cfg.channels
-                            or (cfg.channels * cfg.split) % 32):
-        raise ValueError(f'InferScanConfig(specialized=True) needs channels dividing '
-                         f'{PRODUCER_THREADS} (one producer warp) and whole walker warps '
-                         f'(channels * split a multiple of 32); got {cfg}')
     if cfg.n_chunks < 1:
         raise ValueError(f'InferScanConfig.n_chunks must be >= 1 (got {cfg.n_chunks})')
     n_chunks = cfg.n_chunks
@@ -325,7 +307,7 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
     args = [u_f, u_b, u_f.stride(0), u_f.stride(1), x_f, x_b, x_f.stride(0), x_f.stride(1),
             z, z.stride(0), z.stride(1), *_direction(fwd), *_direction(bwd),
             out, out.stride(0), out.stride(1), hsum, ssum, batch, L, E, n_chunks, chunk_l]
-    grid_x, block = math.ceil(E / cfg.channels), (block_threads(cfg), 1, 1)
+    grid_x, block = math.ceil(E / cfg.channels), (cfg.channels * cfg.split, 1, 1)
     launches = [('vim_scan_final', (grid_x, batch, 2 * n_chunks), block)]
     if n_chunks > 1:
         launches.insert(0, ('vim_scan_summary', (grid_x, batch, 2 * (n_chunks - 1)), block))

@@ -46,15 +46,12 @@
 // width, [dt | B | C]), CH (channels per block), SPLIT (lanes per channel: CH * SPLIT threads),
 // TT (tokens per tile), STAGES, XV (bytes per copy of an x_dbl row piece), FP16 (inputs fp16
 // instead of bf16), NPOLY, MIN_BLOCKS (blocks per SM the registers must allow), PREP_BY_ROW
-// (below), DYN_SMEM (BLOCK_TILES), SPECIALIZED (below).
+// (below), DYN_SMEM (BLOCK_TILES).
 //
-// SPECIALIZED=1 (twelfth session, not yet timed on a GPU): a warp of NP = 32 producer threads
-// joins the CH * SPLIT walkers of a block. The producers stage, convert and prepare tile k + 1
-// (steps 1 and 2) and store the outputs of tile k - 1 (step 4) while the walkers walk tile k
-// (step 3); the tile buffers the two sides share (xf, ld, yp and the gates) are doubled, and one
-// block-wide barrier per tile hands them over (instead of four). Why: with few warps per SM
-// (2.84 per sub-partition at 16 x 4097) the steps around the walk run with little overlap, and
-// neither MUFU (52%) nor the issue slots (62%) were saturated (ncu, v11).
+// Tried and removed: a producer warp per block staging and preparing tile k + 1 while the walkers
+// walked tile k (SPECIALIZED, commit 807ab2d): slower than the faster preset at every shape
+// timed, e.g. 0.475 ms at best against 0.455 at 16 x 4097 (thirteenth session,
+// results/h200_infer_scan_ws_explore.json).
 
 typedef unsigned short u16;
 typedef long long i64;
@@ -67,30 +64,14 @@ typedef long long i64;
 #define XF ((XW + 3) / 4 * 4)             // fp32 row of a tile
 #define XB R                              // where B starts in a row
 #define XC (R + NS)                       // where C starts
-#define NT (CH * SPLIT)                   // walkers (step 3; every step unless SPECIALIZED)
-#if SPECIALIZED
-#define NP 32                             // producer threads (one warp): steps 1, 2 and 4
-#define NBUF 2                            // tile buffers shared by walkers and producers
-#define BLOCK_THREADS (NT + NP)
-#define COPY_T (threadIdx.x - NT)         // this thread's index among those staging tiles
-#define COPY_N NP
-#else
-#define NBUF 1
-#define BLOCK_THREADS NT
-#define COPY_T threadIdx.x
-#define COPY_N NT
-#endif
+#define NT (CH * SPLIT)                   // threads of a block
 #define NPT (NS / SPLIT)                  // states per lane
 // Steps 2 and 4 handle (token row, channel) pairs. PREP_BY_ROW=0: thread (c, lane) of the walk
 // takes its own channel c and the rows lane, lane + SPLIT, ... (a warp touches SPLIT rows, with
 // a row stride of a multiple of 128 bytes: bank conflicts, measured), so a __syncwarp orders
 // them with the walk. PREP_BY_ROW=1: thread i takes channel i % CH of the rows i / CH + k SPLIT
 // (a warp touches one row: conflict-free, global stores coalesced), and needs __syncthreads.
-#if SPECIALIZED  // producer p takes channel p % CH of the rows p / CH + k (NP / CH)
-#define PREP_C (COPY_T % CH)
-#define PREP_R0 (COPY_T / CH)
-#define PREP_STRIDE (NP / CH)
-#elif PREP_BY_ROW
+#if PREP_BY_ROW
 #define PREP_C (threadIdx.x % CH)
 #define PREP_R0 (threadIdx.x / CH)
 #define PREP_SYNC __syncthreads
@@ -98,13 +79,6 @@ typedef long long i64;
 #define PREP_C (threadIdx.x / SPLIT)
 #define PREP_R0 (threadIdx.x % SPLIT)
 #define PREP_SYNC __syncwarp
-#endif
-#ifndef PREP_STRIDE
-#define PREP_STRIDE SPLIT                 // the rows of a (token, channel) thread are SPLIT apart
-#endif
-#if SPECIALIZED
-static_assert(NT % 32 == 0 && NP % CH == 0 && (TT * CH) % NP == 0 && COPY_N % (CH / 8) == 0,
-              "vim_scan: SPECIALIZED needs whole walker warps and CH dividing 32");
 #endif
 static_assert(NS % 4 == 0 && R % 4 == 0 && NS % SPLIT == 0 && 32 % SPLIT == 0,
               "vim_scan: NS and R must be multiples of 4, SPLIT divide NS and 32");
@@ -218,12 +192,9 @@ struct Tiles {
   u16 u[STAGES][TT][CH];
   u16 z[STAGES][TT][CH];
   u16 x[STAGES][TT][XWP];
-  float xf[NBUF][TT + 2][XF];     // the tile's [dt | B | C] in fp32, read by every lane
-  float2 ld[NBUF][TT + 2][CH];    // (log2(1 + e^x), dt u) per token and channel
-  float yp[NBUF][TT][CH][SPLIT];  // the lanes' partial C . h
-#if SPECIALIZED
-  float2 go[NBUF][TT][CH];        // step 2's (gate, D u gate) for step 4 (another iteration)
-#endif
+  float xf[TT + 2][XF];     // the tile's [dt | B | C] in fp32, read by every lane
+  float2 ld[TT + 2][CH];    // (log2(1 + e^x), dt u) per token and channel
+  float yp[TT][CH][SPLIT];  // the lanes' partial C . h
 };
 
 // Where a block's tiles live: static shared memory (at most 48 KB), or with DYN_SMEM dynamic
@@ -260,23 +231,23 @@ template <bool FINAL, bool WHOLE>
 __device__ __forceinline__ void issue_tile(Tiles& s, const Walk& w, int k, int stage) {
   const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
   constexpr int UPR = CH / 8;              // 16-byte pieces per row of a (TT, CH) 16-bit tile
-  constexpr int U_PIECES = TT * UPR, U_ROWS_PER_PASS = COPY_N / UPR;
-  const int ucol = (COPY_T % UPR) * 8;
+  constexpr int U_PIECES = TT * UPR, U_ROWS_PER_PASS = NT / UPR;
+  const int ucol = (threadIdx.x % UPR) * 8;
   const bool chan_ok = w.e0 + ucol < w.E;
 #pragma unroll
-  for (int j = 0; j < (U_PIECES + COPY_N - 1) / COPY_N; ++j) {
-    const int i = COPY_T + j * COPY_N;
-    if (U_PIECES % COPY_N != 0 && i >= U_PIECES) break;
-    const int row = COPY_T / UPR + j * U_ROWS_PER_PASS, t = t0 + row;
+  for (int j = 0; j < (U_PIECES + NT - 1) / NT; ++j) {
+    const int i = threadIdx.x + j * NT;
+    if (U_PIECES % NT != 0 && i >= U_PIECES) break;
+    const int row = threadIdx.x / UPR + j * U_ROWS_PER_PASS, t = t0 + row;
     const bool ok = chan_ok && (WHOLE || (t >= w.lo && t < w.hi));
     cp_async<16>(&s.u[stage][0][0] + i * 8, w.u + (ok ? t * w.su_l + ucol : 0), ok);
     if (FINAL) cp_async<16>(&s.z[stage][0][0] + i * 8, w.z + (ok ? t * w.sz_l + ucol : 0), ok);
   }
   constexpr int PIECE = XV / 2, PPR = XWP / PIECE, X_PIECES = TT * PPR;
 #pragma unroll
-  for (int j = 0; j < (X_PIECES + COPY_N - 1) / COPY_N; ++j) {
-    const int i = COPY_T + j * COPY_N;
-    if (X_PIECES % COPY_N != 0 && i >= X_PIECES) break;
+  for (int j = 0; j < (X_PIECES + NT - 1) / NT; ++j) {
+    const int i = threadIdx.x + j * NT;
+    if (X_PIECES % NT != 0 && i >= X_PIECES) break;
     const int row = i / PPR, col = (i - row * PPR) * PIECE, t = t0 + row;
     const bool ok = WHOLE || (t >= w.lo && t < w.hi);
     cp_async<XV>(&s.x[stage][0][0] + i * PIECE, w.xd + (ok ? t * w.sx_l + col : 0), ok);
@@ -290,9 +261,9 @@ __device__ __forceinline__ void issue_tile(Tiles& s, const Walk& w, int k, int s
 // operations in flight (written row by row, the SASS ran one row's dependent chain at a time).
 // The gate and D u gate stay in this thread's registers (go): step 4 takes the same rows and
 // channel (the tenth session's kernel passed them through shared memory).
-constexpr int PREP_ROWS = TT / PREP_STRIDE;
+constexpr int PREP_ROWS = TT / SPLIT;
 template <bool FINAL>
-__device__ __forceinline__ void prepare(Tiles& s, int stage, int buf, int c, int r0,
+__device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0,
                                         const float (&W)[R], float bias, float D,
                                         float2 (&go)[PREP_ROWS]) {
   constexpr int K = PREP_ROWS;
@@ -300,8 +271,8 @@ __device__ __forceinline__ void prepare(Tiles& s, int stage, int buf, int c, int
   float x[K], u[K], zz[K], e[K], l[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int r = r0 + k * PREP_STRIDE;
-    const float* xf = s.xf[buf][r + 1];
+    const int r = r0 + k * SPLIT;
+    const float* xf = s.xf[r + 1];
     float x0 = bias, x1 = 0.f, x2 = 0.f;  // three short FMA chains instead of one of length R
 #pragma unroll
     for (int j = 0; j < R; j += 3) {
@@ -320,7 +291,7 @@ __device__ __forceinline__ void prepare(Tiles& s, int stage, int buf, int c, int
   for (int k = 0; k < K; ++k) l[k] = x[k] > 20.f ? x[k] * LOG2E : lg2(1.f + e[k]);
 #pragma unroll
   for (int k = 0; k < K; ++k)
-    s.ld[buf][r0 + k * PREP_STRIDE + 1][c] = make_float2(l[k], l[k] * 0.6931471805599453f * u[k]);
+    s.ld[r0 + k * SPLIT + 1][c] = make_float2(l[k], l[k] * 0.6931471805599453f * u[k]);
   if (FINAL) {  // the gate silu(z) / 2 and D u times it
 #pragma unroll
     for (int k = 0; k < K; ++k) e[k] = tanh_approx(0.5f * zz[k]);
@@ -344,10 +315,10 @@ struct Operands {
 };
 
 template <bool FINAL>
-__device__ __forceinline__ void fetch(const Tiles& s, int buf, int r, int c, int lane,
+__device__ __forceinline__ void fetch(const Tiles& s, int r, int c, int lane,
                                       Operands& o) {
-  const float* xf = s.xf[buf][r + 1];
-  o.ld = s.ld[buf][r + 1][c];
+  const float* xf = s.xf[r + 1];
+  o.ld = s.ld[r + 1][c];
 #pragma unroll
   for (int j = 0; j < NPT; ++j) {
     o.b[j] = xf[XB + lane * NPT + j];
@@ -393,96 +364,55 @@ __device__ __forceinline__ float sum_partials(const float (&p)[SPLIT]) {
 // Step 3 over a whole tile, operands one token ahead (see Operands); the direction a compile-time
 // constant, so every row address is an immediate offset.
 template <bool FINAL, bool REV>
-__device__ __forceinline__ void walk_tile(Tiles& s, int buf, int c, int lane, float (&h)[NPT],
+__device__ __forceinline__ void walk_tile(Tiles& s, int c, int lane, float (&h)[NPT],
                                           const float (&A)[NPT], float& dt_sum) {
   constexpr int r0 = REV ? TT - 1 : 0, dr = REV ? -1 : 1;
   Operands cur, next;
-  fetch<FINAL>(s, buf, r0, c, lane, cur);
+  fetch<FINAL>(s, r0, c, lane, cur);
 #pragma unroll 4
   for (int kk = 0; kk < TT; ++kk) {
-    fetch<FINAL>(s, buf, r0 + (kk + 1) * dr, c, lane, next);
+    fetch<FINAL>(s, r0 + (kk + 1) * dr, c, lane, next);
     const float y = advance<FINAL>(cur, h, A, dt_sum);
-    if (FINAL) s.yp[buf][r0 + kk * dr][c][lane] = y;
+    if (FINAL) s.yp[r0 + kk * dr][c][lane] = y;
     cur = next;
   }
 }
 
-// Tile k's first token (its tokens [t0, t0 + TT) may reach past the chunk: partial tiles).
-__device__ __forceinline__ int tile_start(const Walk& w, int k) {
-  return w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
-}
-
-// Issues the copy of tile kn of the walk into its stage (all but the chunk's last are whole)
-// and commits a group either way (the group count paces cp_async_wait).
-template <bool FINAL>
-__device__ __forceinline__ void issue_next(Tiles& s, const Walk& w, int kn, int n_tiles) {
-  if (kn < n_tiles - 1) issue_tile<FINAL, true>(s, w, kn, kn % STAGES);
-  else if (kn == n_tiles - 1) issue_tile<FINAL, false>(s, w, kn, kn % STAGES);
-  cp_async_commit();
-}
-
-// Step 1: the staged tile's x_dbl rows in fp32 into xf[buf]: one pass over the rows' float4s
-// (flat where the rows are as wide as staged), by the threads that stage tiles (COPY_T of COPY_N).
-__device__ __forceinline__ void convert_tile(Tiles& s, int stage, int buf) {
+// Step 1: the staged tile's x_dbl rows in fp32 into xf: one pass over the rows' float4s
+// (flat where the rows are as wide as staged), by the threads that stage tiles (threadIdx.x of NT).
+__device__ __forceinline__ void convert_tile(Tiles& s, int stage) {
   constexpr int QR = XF / 4, QN = TT * QR;
   const uint2* src = reinterpret_cast<const uint2*>(&s.x[stage][0][0]);
-  float4* dst = reinterpret_cast<float4*>(&s.xf[buf][1][0]);
+  float4* dst = reinterpret_cast<float4*>(&s.xf[1][0]);
 #pragma unroll
-  for (int j = 0; j < (QN + COPY_N - 1) / COPY_N; ++j) {
-    const int i = COPY_T + j * COPY_N;
-    if (QN % COPY_N != 0 && i >= QN) break;
+  for (int j = 0; j < (QN + NT - 1) / NT; ++j) {
+    const int i = threadIdx.x + j * NT;
+    if (QN % NT != 0 && i >= QN) break;
     const uint2 v = src[XF == XWP ? i : i / QR * (XWP / 4) + i % QR];
     dst[i] = make_float4(lo_f32(v.x), hi_f32(v.x), lo_f32(v.y), hi_f32(v.y));
   }
 }
 
-// Step 3 over tile k (operands in buffer buf): the whole-tile walk, or token by token where the
-// tile reaches past the chunk.
-template <bool FINAL>
-__device__ __forceinline__ void walk_one_tile(Tiles& s, const Walk& w, int buf, int k, int c,
-                                              int lane, float (&h)[NPT], const float (&A)[NPT],
-                                              float& dt_sum) {
-  const int t0 = tile_start(w, k);
-  if (t0 >= w.lo && t0 + TT <= w.hi) {  // no token checks
-    if (w.rev) walk_tile<FINAL, true>(s, buf, c, lane, h, A, dt_sum);
-    else walk_tile<FINAL, false>(s, buf, c, lane, h, A, dt_sum);
-    return;
-  }
-  const int r0 = w.rev ? TT - 1 : 0, dr = w.rev ? -1 : 1;
-  for (int kk = 0; kk < TT; ++kk) {
-    const int r = r0 + kk * dr;
-    if (t0 + r >= w.lo && t0 + r < w.hi) {
-      Operands o;
-      fetch<FINAL>(s, buf, r, c, lane, o);
-      const float y = advance<FINAL>(o, h, A, dt_sum);
-      if (FINAL) s.yp[buf][r][c][lane] = y;
-    }
-  }
-}
-
 // Step 4 for the tile starting at token t0 (whole: within the chunk), channel pc, rows
-// pr0 + j PREP_STRIDE: every row's sum read before any is stored, gated by go, stored as 16 bits.
-__device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int buf, int t0,
+// pr0 + j SPLIT: every row's sum read before any is stored, gated by go, stored as 16 bits.
+__device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t0,
                                             bool whole, int pc, int pr0,
                                             const float2 (&go)[PREP_ROWS], bool active) {
   constexpr int K = PREP_ROWS;
   float y[K];
 #pragma unroll
-  for (int j = 0; j < K; ++j) y[j] = sum_partials(s.yp[buf][pr0 + j * PREP_STRIDE][pc]);
+  for (int j = 0; j < K; ++j) y[j] = sum_partials(s.yp[pr0 + j * SPLIT][pc]);
   u16* out = w.out + (t0 + pr0) * w.so_l + pc;  // 32-bit offsets: fewer instructions
-  const int step = PREP_STRIDE * w.so_l;
+  const int step = SPLIT * w.so_l;
 #pragma unroll
   for (int j = 0; j < K; ++j, out += step) {
-    const int t = t0 + pr0 + j * PREP_STRIDE;
+    const int t = t0 + pr0 + j * SPLIT;
     const u16 v = from_f32(fmaf(go[j].x, y[j], go[j].y));
     if (active && (whole || (t >= w.lo && t < w.hi))) *out = v;
   }
 }
 
-#if !SPECIALIZED
-// Steps 1-4 of every tile by the same threads, four barriers per tile. The copy issue and the
-// walk stay written out as timed (v13): through issue_next / walk_one_tile the same steps
-// compile to other SASS (checked; with convert_tile and output_tile it is identical).
+// Steps 1-4 of every tile by the same threads, four barriers per tile.
 template <bool FINAL>
 __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
                                      const float (&A)[NPT], const float (&W)[R], float bias,
@@ -504,106 +434,35 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     if (kn < n_tiles - 1) issue_tile<FINAL, true>(s, w, kn, kn % STAGES);
     else if (kn == n_tiles - 1) issue_tile<FINAL, false>(s, w, kn, kn % STAGES);
     cp_async_commit();
-    convert_tile(s, stage, 0);  // the tile's x_dbl rows in fp32
+    convert_tile(s, stage);  // the tile's x_dbl rows in fp32
     __syncthreads();
-    prepare<FINAL>(s, stage, 0, pc, pr0, W, bias, D, go);
+    prepare<FINAL>(s, stage, pc, pr0, W, bias, D, go);
     PREP_SYNC();
     const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
     const int r0 = w.rev ? TT - 1 : 0, dr = w.rev ? -1 : 1;
     const bool whole = t0 >= w.lo && t0 + TT <= w.hi;
     if (whole) {  // no token checks
-      if (w.rev) walk_tile<FINAL, true>(s, 0, c, lane, h, A, dt_sum);
-      else walk_tile<FINAL, false>(s, 0, c, lane, h, A, dt_sum);
+      if (w.rev) walk_tile<FINAL, true>(s, c, lane, h, A, dt_sum);
+      else walk_tile<FINAL, false>(s, c, lane, h, A, dt_sum);
     } else {
       for (int kk = 0; kk < TT; ++kk) {
         const int r = r0 + kk * dr;
         if (t0 + r >= w.lo && t0 + r < w.hi) {
           Operands o;
-          fetch<FINAL>(s, 0, r, c, lane, o);
+          fetch<FINAL>(s, r, c, lane, o);
           const float y = advance<FINAL>(o, h, A, dt_sum);
-          if (FINAL) s.yp[0][r][c][lane] = y;
+          if (FINAL) s.yp[r][c][lane] = y;
         }
       }
     }
     if (FINAL) {  // step 4
       PREP_SYNC();
-      output_tile(s, w, 0, t0, whole, pc, pr0, go, active);
+      output_tile(s, w, t0, whole, pc, pr0, go, active);
     }
   }
   cp_async_wait<0>();
 }
 
-#else
-// The producer warp (threadIdx.x >= NT) stages, converts and prepares tile k + 1 into buffer
-// (k + 1) % 2 and stores tile k - 1's outputs while the walkers walk tile k from buffer k % 2;
-// one barrier per tile hands the buffers over. Only the producers copy (cp.async groups are
-// per thread), so their own waits and __syncwarp order the staged tiles.
-template <bool FINAL>
-__device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
-                                     const float (&A)[NPT], const float (&W)[R], float bias,
-                                     float D, float& dt_sum) {
-  const int n_tiles = (w.hi - w.lo + TT - 1) / TT;
-  const bool producer = threadIdx.x >= NT;
-  const int pc = PREP_C, pr0 = PREP_R0;
-  const bool active = w.e0 + pc < w.E;
-  float2 go[PREP_ROWS];
-  if (producer && n_tiles > 0) {  // tile 0 ready before the first barrier
-#pragma unroll
-    for (int k = 0; k < STAGES - 1; ++k) {
-      if (k < n_tiles) issue_tile<FINAL, false>(s, w, k, k);
-      cp_async_commit();
-    }
-    cp_async_wait<STAGES - 2>();
-    __syncwarp();
-    issue_next<FINAL>(s, w, STAGES - 1, n_tiles);
-    convert_tile(s, 0, 0);
-    __syncwarp();
-    prepare<FINAL>(s, 0, 0, pc, pr0, W, bias, D, go);
-    if (FINAL) {
-#pragma unroll
-      for (int j = 0; j < PREP_ROWS; ++j) s.go[0][pr0 + j * PREP_STRIDE][pc] = go[j];
-    }
-  }
-  __syncthreads();
-  for (int k = 0; k < n_tiles; ++k) {
-    const int buf = k & 1;
-    if (!producer) {
-      walk_one_tile<FINAL>(s, w, buf, k, c, lane, h, A, dt_sum);
-    } else {
-      if (FINAL && k > 0) {  // tile k - 1's outputs (its partials are complete since the barrier)
-#pragma unroll
-        for (int j = 0; j < PREP_ROWS; ++j) go[j] = s.go[buf ^ 1][pr0 + j * PREP_STRIDE][pc];
-        const int t0 = tile_start(w, k - 1);
-        output_tile(s, w, buf ^ 1, t0, t0 >= w.lo && t0 + TT <= w.hi, pc, pr0, go, active);
-      }
-      if (k + 1 < n_tiles) {  // tile k + 1 into the other buffer
-        const int stage = (k + 1) % STAGES;
-        cp_async_wait<STAGES - 2>();
-        __syncwarp();
-        issue_next<FINAL>(s, w, k + STAGES, n_tiles);
-        convert_tile(s, stage, buf ^ 1);
-        __syncwarp();
-        prepare<FINAL>(s, stage, buf ^ 1, pc, pr0, W, bias, D, go);
-        if (FINAL) {
-#pragma unroll
-          for (int j = 0; j < PREP_ROWS; ++j) s.go[buf ^ 1][pr0 + j * PREP_STRIDE][pc] = go[j];
-        }
-      }
-    }
-    __syncthreads();  // tile k walked, tile k + 1 prepared
-  }
-  if (producer) {
-    if (FINAL && n_tiles > 0) {
-      const int buf = (n_tiles - 1) & 1;
-#pragma unroll
-      for (int j = 0; j < PREP_ROWS; ++j) go[j] = s.go[buf][pr0 + j * PREP_STRIDE][pc];
-      const int t0 = tile_start(w, n_tiles - 1);
-      output_tile(s, w, buf, t0, t0 >= w.lo && t0 + TT <= w.hi, pc, pr0, go, active);
-    }
-    cp_async_wait<0>();
-  }
-}
-#endif
 
 // A: this lane's states of the walk's channel e; W, bias, D: channel e0 + PREP_C, which this
 // thread prepares (channels past E read channel 0 and store nothing); h: the zero state.
@@ -614,7 +473,7 @@ __device__ __forceinline__ void load_direction(
   const float* Wp = dir ? W_b : W_f;
   const float* Ap = dir ? A_b : A_f;
   const int ec = active ? e : 0;
-#if PREP_BY_ROW || SPECIALIZED  // (a walker's PREP_C when SPECIALIZED: some channel, unused)
+#if PREP_BY_ROW
   const int ep = e0 + (int)PREP_C < E ? e0 + (int)PREP_C : 0;
 #else
   const int ep = ec;  // PREP_C is the walk's channel
@@ -657,7 +516,7 @@ __device__ __forceinline__ Walk make_walk(int dir, int chunk, int b, int e0, con
 // Chunk summaries: the end state of every chunk walked from zero and its sum of dt (in log2
 // units: the chunk's decay is 2^(A * sum)). Only chunks with a successor in their walk order:
 // grid.z = 2 * (n_chunks - 1), forward chunks 0..n-2 then backward chunks 1..n-1.
-extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS)
 vim_scan_summary(SCAN_ARGS) {
   BLOCK_TILES(s);
   const int per_dir = n_chunks - 1;
@@ -672,7 +531,7 @@ vim_scan_summary(SCAN_ARGS) {
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
                            sz_l, out, so_b, so_l, L, E, chunk_l);
   walk<false>(s, w, c, lane, h, A, W, bias, D, dt_sum);
-  if (!active || (SPECIALIZED && threadIdx.x >= NT)) return;  // producers own no state
+  if (!active) return;
   const i64 row = ((i64)dir * batch + b) * n_chunks + chunk;  // (2, batch, n_chunks, [NS,] E)
 #pragma unroll
   for (int j = 0; j < NPT; ++j) hsum[(row * NS + lane * NPT + j) * E + e0 + c] = h[j];
@@ -681,7 +540,7 @@ vim_scan_summary(SCAN_ARGS) {
 
 // Outputs: grid.z = 2 * n_chunks (forward chunks, then backward chunks). With n_chunks > 1 each
 // chunk first combines the summaries of the chunks before it in its walk order.
-extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS)
 vim_scan_final(SCAN_ARGS) {
   BLOCK_TILES(s);
   const int dir = blockIdx.z / n_chunks;
