@@ -142,6 +142,31 @@ def test_impl_selection(monkeypatch):
 
 
 @run_here
+@pytest.mark.parametrize('silu', ['exp', 'tanh'])
+def test_stream_approximate_silu(silu):
+    """The MUFU SiLUs in bf16: within assert_close's bf16 tolerances of the twin for values
+    the inputs make from about -10 to 10 (on the GPU; the interpreter computes them exactly)."""
+    x, *params = make_inputs(2, 45, 40, dtype=torch.bfloat16, seed=7)
+    outs = bidirectional_conv(x, *params, block_e=16, impl='stream', chunk_l=16, silu=silu)
+    expected = reference(x, *params)
+    assert min(e.float().min().item() for e in expected) < -0.2  # the negative tail is tested
+    check(outs, expected, x)
+
+
+@run_here
+def test_outputs_are_one_stacked_tensor():
+    """(u_f, u_b) as the halves of one (2, batch, L, E) tensor (one batched x_proj GEMM)."""
+    x, *params = make_inputs(2, 9, 8, seed=8)
+    u = bidirectional_conv(x, *params, block_e=8, impl='stream', chunk_l=4)
+    assert u.shape == (2, 2, 9, 8) and u.is_contiguous()
+    check(u, reference(x, *params), x)
+    with pytest.raises(ValueError, match='silu'):
+        bidirectional_conv(x, *params, silu='fast')
+    with pytest.raises(ValueError, match='stream'):
+        bidirectional_conv(x, *params, impl='tile', silu='tanh')
+
+
+@run_here
 def test_stream_empty_sequence():
     x, *params = make_inputs(2, 0, 8)
     u_f, u_b = bidirectional_conv(x, *params, impl='stream')

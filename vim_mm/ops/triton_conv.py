@@ -39,6 +39,7 @@ __all__ = ['bidirectional_conv', 'bidirectional_conv_torch', 'DEFAULT_IMPL']
 # faster on an H200: benchmarks/gpu_conv_sweep.py)
 DEFAULT_IMPL = 'stream'
 STREAM_WIDTH = 4  # the stream kernel's window is written out for W = 4 (narrower: zero taps)
+SILU_MODES = {'exact': 0, 'exp': 1, 'tanh': 2}  # the stream kernel's SiLU (_silu)
 
 
 def bidirectional_conv_torch(x, w_f, b_f, w_b, b_b):
@@ -86,10 +87,34 @@ if triton is not None:
         tl.store(uf_ptr + out, acc_f * tl.sigmoid(acc_f), mask=mask)
         tl.store(ub_ptr + out, acc_b * tl.sigmoid(acc_b), mask=mask)
 
+    PTX = tl.constexpr(not INTERPRET)
+
+    @triton.jit
+    def _silu(x, SILU: tl.constexpr):
+        """x sigmoid(x): SILU 0 exact (libdevice exp, IEEE division), 1 by ex2.approx and
+        rcp.approx (2 MUFU operations, relative error ~1e-7), 2 by tanh.approx as
+        x (1 + tanh(x / 2)) / 2 (1 MUFU operation, tanh's relative error 2^-11: absolute error
+        below 1e-3 for x > -8, under a bf16 rounding of the result where it is >= 0.25). The
+        interpreter runs the exact formula for all three (PTX is GPU-only)."""
+        if SILU == 2 and PTX:
+            h = 0.5 * x
+            t = tl.inline_asm_elementwise('tanh.approx.f32 $0, $1;', '=r,r', [h],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+            return h + h * t
+        elif SILU == 1 and PTX:
+            e = tl.inline_asm_elementwise('ex2.approx.ftz.f32 $0, $1;', '=r,r',
+                                          [x * -1.4426950408889634], dtype=tl.float32,
+                                          is_pure=True, pack=1)
+            r = tl.inline_asm_elementwise('rcp.approx.ftz.f32 $0, $1;', '=r,r', [1.0 + e],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+            return x * r
+        else:
+            return x * tl.sigmoid(x)
+
     @triton.jit
     def _bi_conv_stream_kernel(x_ptr, sx_b, sx_l, wf_ptr, bf_ptr, wb_ptr, bb_ptr, uf_ptr, ub_ptr,
                                L, E, CHUNK_L: tl.constexpr, BLOCK_E: tl.constexpr,
-                               UNROLL: tl.constexpr):
+                               UNROLL: tl.constexpr, SILU: tl.constexpr = 0):
         """Tokens [t0, t0 + CHUNK_L) of BLOCK_E channels of one sequence, walked in order (W = 4).
 
         Why a sliding window: Triton cannot slice a register tile, so a halo tile loaded once
@@ -159,8 +184,8 @@ if triton is not None:
                 acc_f = bias_f + wf0 * xm3 + wf1 * xm2 + wf2 * xm1 + wf3 * x00
                 acc_b = bias_b + wb0 * xp3 + wb1 * xp2 + wb2 * xp1 + wb3 * x00
                 m = mask_e & (t + i < t_end)
-                tl.store(pf + i * E, acc_f * tl.sigmoid(acc_f), mask=m)
-                tl.store(pb + i * E, acc_b * tl.sigmoid(acc_b), mask=m)
+                tl.store(pf + i * E, _silu(acc_f, SILU), mask=m)
+                tl.store(pb + i * E, _silu(acc_b, SILU), mask=m)
                 xm3, xm2, xm1, x00, xp1, xp2 = xm2, xm1, x00, xp1, xp2, xp3
             px += UNROLL * sx_l
             pf += UNROLL * E
@@ -169,8 +194,8 @@ if triton is not None:
 
 def bidirectional_conv(x, w_f, b_f, w_b, b_b, block_l: int = 32, block_e: int = 128, *,
                        impl: str | None = None, chunk_l: int = 64, unroll: int = 8,
-                       num_warps: int | None = None):
-    """Triton version of :func:`bidirectional_conv_torch` (outputs contiguous (batch, L, E)).
+                       num_warps: int | None = None, silu: str | None = None):
+    """Triton version of :func:`bidirectional_conv_torch`: (u_f, u_b) stacked, (2, batch, L, E).
 
     ``x`` (batch, L, E) in fp32/bf16/fp16 with channel stride 1 (any token/batch strides, e.g.
     a half of in_proj's (batch, L, 2E) output; otherwise it is made contiguous); weights (E, W)
@@ -190,7 +215,22 @@ def bidirectional_conv(x, w_f, b_f, w_b, b_b, block_l: int = 32, block_e: int = 
     setting of a shape and run (two warps, the first run's pick: 6.5% / 21%; which setting is
     fastest changes between runs). 16 x 4097 x 384 in bf16: 58-61 us, against 85-87 us for
     'tile'.
+
+    ``silu`` (stream kernel only): 'exact', 'exp' (ex2.approx + rcp.approx) or 'tanh'
+    (tanh.approx): see :func:`_silu`. None: 'tanh' for 16-bit x (its error is within the
+    output's rounding) on two warps unless ``num_warps`` says otherwise, 'exact' for fp32.
+    H200, 16 x 4097 x 384 bf16 (``benchmarks/gpu_layer_ops.py``, results/h200_layer_ops_v1):
+    exact 63.8 us, 'exp' 60.3, 'tanh' 54.8 on one warp and 49.1 on two.
+
+    The outputs are one (2, batch, L, E) tensor's two halves (``u_f, u_b = out`` unpacks it
+    too), so both directions' x_proj can be one batched GEMM.
     """
+    if silu is None:
+        silu = 'exact' if x.dtype == torch.float32 or impl == 'tile' else 'tanh'
+        if silu == 'tanh' and num_warps is None:
+            num_warps = 2
+    if silu not in SILU_MODES:
+        raise ValueError(f'silu must be one of {tuple(SILU_MODES)}, got {silu!r}')
     if triton is None or not (x.is_cuda or INTERPRET):
         raise RuntimeError('bidirectional_conv needs triton and a CUDA tensor '
                            '(or TRITON_INTERPRET=1).')
@@ -199,16 +239,18 @@ def bidirectional_conv(x, w_f, b_f, w_b, b_b, block_l: int = 32, block_e: int = 
         impl = DEFAULT_IMPL if width <= STREAM_WIDTH else 'tile'
     if impl not in ('tile', 'stream'):
         raise ValueError(f"impl must be 'tile' or 'stream', got {impl!r}")
+    if impl == 'tile' and silu != 'exact':
+        raise ValueError(f"silu={silu!r} is the stream kernel's; impl='tile' computes it exactly")
     if impl == 'stream' and width > STREAM_WIDTH:
         raise ValueError(f"impl='stream' handles conv widths <= {STREAM_WIDTH}, got {width}")
     if x.stride(2) != 1:
         x = x.contiguous()
     batch, L, E = x.shape
     w_f, w_b = (w.reshape(E, width).contiguous() for w in (w_f, w_b))
-    u_f = torch.empty(batch, L, E, dtype=x.dtype, device=x.device)
-    u_b = torch.empty_like(u_f)
-    if u_f.numel() == 0:
-        return u_f, u_b
+    u = torch.empty(2, batch, L, E, dtype=x.dtype, device=x.device)
+    u_f, u_b = u
+    if u.numel() == 0:
+        return u
     block_e = min(block_e, triton.next_power_of_2(E))
     if impl == 'stream':
         if width < STREAM_WIDTH:  # leading zero taps: the same convs with W = 4
@@ -216,11 +258,11 @@ def bidirectional_conv(x, w_f, b_f, w_b, b_b, block_l: int = 32, block_e: int = 
         grid = (triton.cdiv(L, chunk_l), batch, triton.cdiv(E, block_e))
         _bi_conv_stream_kernel[grid](x, x.stride(0), x.stride(1), w_f, b_f.contiguous(), w_b,
                                      b_b.contiguous(), u_f, u_b, L, E, CHUNK_L=chunk_l,
-                                     BLOCK_E=block_e, UNROLL=unroll,
+                                     BLOCK_E=block_e, UNROLL=unroll, SILU=SILU_MODES[silu],
                                      num_warps=num_warps or 1)
-        return u_f, u_b
+        return u
     grid = (triton.cdiv(L, block_l), batch, triton.cdiv(E, block_e))
     _bi_conv_kernel[grid](x, x.stride(0), x.stride(1), w_f, b_f.contiguous(), w_b,
                           b_b.contiguous(), u_f, u_b, L, E, WIDTH=width, BLOCK_L=block_l,
                           BLOCK_E=block_e, num_warps=num_warps or 4)
-    return u_f, u_b
+    return u
