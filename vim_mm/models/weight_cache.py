@@ -17,17 +17,18 @@ __all__ = ['InferenceWeights', 'WeightCache']
 @dataclass
 class InferenceWeights:
     """What the CUDA C++-scan branch derives from the parameters, for one compute dtype:
-    ``in_proj``'s weight, ``x_proj``'s per direction (rows padded to a multiple of 8) and
+    ``in_proj``'s weight, ``x_proj``'s of both directions stacked (2, rows, E) (rows padded to
+    a multiple of 8: one batched GEMM) and
     ``out_proj``'s repeated ``(1, 2)`` in that dtype; per direction ``dt_proj_w``, ``dt_bias``,
     ``A = -exp(A_log)`` and ``D`` in float32, contiguous (as the scan takes them)."""
     in_proj: torch.Tensor
-    x_proj: list
+    x_proj: torch.Tensor
     out_proj: torch.Tensor
     fwd: dict
     bwd: dict
 
     def tensors(self) -> list:
-        return [self.in_proj, *self.x_proj, self.out_proj, *self.fwd.values(), *self.bwd.values()]
+        return [self.in_proj, self.x_proj, self.out_proj, *self.fwd.values(), *self.bwd.values()]
 
 
 class WeightCache:
