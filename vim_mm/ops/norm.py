@@ -5,7 +5,9 @@
 ``normed = RMSNorm(new_residual) * weight`` in ``x``'s dtype (bf16 under autocast: what the
 next in_proj reads). On CUDA it is mamba-ssm's Triton kernel (the authors' ``fused_add_norm``):
 one read of x and residual, one write of each output, instead of ~8 elementwise passes and a
-dtype copy. Elsewhere, and with ``fused=False``, the PyTorch lines below compute the same thing.
+dtype copy; where no gradient is needed, our own many-rows kernel (``triton_add_norm``, faster
+at Vim's widths). Elsewhere, and with ``fused=False``, the PyTorch lines below compute the same
+thing.
 ``rowscale`` (one factor per token row) carries stochastic depth into the add.
 """
 from __future__ import annotations
@@ -39,8 +41,25 @@ def use_fused_norm(x, residual, fused: bool = True) -> bool:
             and (residual is None or residual.dtype == torch.float32))
 
 
+def use_rows_kernel(x, residual, weight, rowscale, fused: bool = True) -> bool:
+    """Whether :func:`~vim_mm.ops.triton_add_norm.add_rms_norm_rows` runs instead: CUDA, no
+    gradient needed, no stochastic-depth rowscale (inference)."""
+    from .triton_add_norm import triton
+    return (fused and triton is not None and x.is_cuda and rowscale is None
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (residual is None or residual.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, residual, weight))))
+
+
 def add_rms_norm(x, residual, weight, eps: float, rowscale=None, fused: bool = True):
-    """See the module docstring. x: (..., C); residual: None or (..., C); rowscale: x.shape[:-1]."""
+    """See the module docstring. x: (..., C); residual: None or (..., C); rowscale: x.shape[:-1].
+    Where no gradient is needed on CUDA, the many-rows Triton kernel of
+    :mod:`~vim_mm.ops.triton_add_norm` (H200, 16 x 4097 x 192: 40.9 us against 46.0 for
+    mamba-ssm's; ``benchmarks/gpu_layer_ops.py --ops norm``)."""
+    if use_rows_kernel(x, residual, weight, rowscale, fused):
+        from .triton_add_norm import add_rms_norm_rows
+        return add_rms_norm_rows(x, residual, weight, eps)
     if use_fused_norm(x, residual, fused):
         if rowscale is not None:  # one float32 factor per row of x
             rowscale = rowscale.expand(x.shape[:-1])
