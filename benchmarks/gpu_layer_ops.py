@@ -1,0 +1,190 @@
+"""Time the kernels around the scan in one Vim layer, and candidate replacements, on a GPU.
+
+At the token counts of Vim-Ti at 1024 and 1248 px and Vim-S at 1024 px (batch 16), bf16,
+CUDA-graph replays (``triton.testing.do_bench``, median), each candidate checked against a
+reference:
+
+* ``conv``: both directions' conv1d + SiLU (``triton_conv.bidirectional_conv``, stream kernel)
+  with its SiLU exact, by ex2/rcp.approx, or by tanh.approx (``silu=``), error against the
+  fp32 PyTorch twin;
+* ``x_proj``: both directions' x_proj as two ``F.linear``, one ``torch.bmm`` over the conv's
+  stacked (2, B, L, E) output (what the mixer runs), or ``triton_xproj.x_proj_both`` over its
+  candidate configs;
+* ``norm``: the residual add + RMSNorm alone, mamba-ssm's kernel against
+  ``triton_add_norm.add_rms_norm_rows``;
+* ``out_norm``: out_proj (``F.linear``, K = 2E: both directions side by side) followed by the
+  next block's residual add + RMSNorm (mamba-ssm's Triton kernel), each alone and together,
+  against ``triton_out_norm.linear_add_rms_norm`` (one kernel) over its candidate configs.
+
+    python benchmarks/gpu_layer_ops.py --out results/h200_layer_ops_v1.json
+    python benchmarks/gpu_layer_ops.py --ops conv x_proj --shapes 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vim_mm.models.cuda_graph import capture_cuda_graph  # noqa: E402
+from vim_mm.ops.norm import add_rms_norm  # noqa: E402
+from vim_mm.ops.triton_conv import bidirectional_conv, bidirectional_conv_torch  # noqa: E402
+
+# (name, batch, L, d_model): E = 2 d_model channels in the mixer
+SHAPES = [('vim-t 1024 b16', 16, 4097, 192), ('vim-t 1248 b16', 16, 6085, 192),
+          ('vim-s 1024 b16', 16, 4097, 384)]
+CONV_SETTINGS = [dict(), dict(num_warps=2)]
+ROWS_PADDED = 48  # x_proj's rows (dt_rank 12/24 + 2 x 16) padded to a multiple of 8
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(capture_cuda_graph(fn)[0], warmup=25, rep=100, return_mode='median')
+
+
+def rel_err(got, want) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def time_conv(rows, name, batch, L, E):
+    x = torch.randn(batch, L, 2 * E, device='cuda', dtype=torch.bfloat16)[..., :E]
+    w_f, w_b = (torch.randn(E, 1, 4, device='cuda') * 0.5 for _ in range(2))
+    b_f, b_b = (torch.randn(E, device='cuda') for _ in range(2))
+    want = bidirectional_conv_torch(x.float(), w_f, b_f, w_b, b_b)
+    for silu in ('exact', 'exp', 'tanh'):
+        for setting in CONV_SETTINGS:
+            def fn(setting=setting, silu=silu):
+                return bidirectional_conv(x, w_f, b_f, w_b, b_b, silu=silu, **setting)
+            err = max(rel_err(a, b) for a, b in zip(fn(), want))
+            ms = bench(fn)
+            rows.append(dict(op='conv', shape=name, silu=silu, setting=setting, ms=ms,
+                             rel_err=err, GBps=3 * batch * L * E * 2 / ms / 1e6))
+            print(json.dumps(rows[-1]), flush=True)
+
+
+def time_x_proj(rows, name, batch, L, E):
+    u2 = torch.randn(2, batch, L, E, device='cuda', dtype=torch.bfloat16)
+    w2 = torch.randn(2, ROWS_PADDED, E, device='cuda', dtype=torch.bfloat16) * E ** -0.5
+    want = [F.linear(u, w) for u, w in zip(u2, w2)]
+    candidates = {
+        'two F.linear': lambda: [F.linear(u, w) for u, w in zip(u2, w2)],
+        'one bmm': lambda: torch.bmm(u2.view(2, batch * L, E), w2.transpose(1, 2)),
+    }
+    from vim_mm.ops.triton_xproj import sweep_configs, x_proj_both
+    for config in sweep_configs():
+        candidates[json.dumps(config)] = lambda config=config: x_proj_both(u2, w2, **config)
+    for label, fn in candidates.items():
+        try:
+            got = [g.reshape(batch, L, -1) for g in fn()]
+            ms = bench(fn)
+        except Exception as exc:  # a Triton config that does not fit
+            rows.append(dict(op='x_proj', shape=name, how=label,
+                             error=f'{type(exc).__name__}: {str(exc)[:200]}'))
+            continue
+        err = max(rel_err(g, w) for g, w in zip(got, want))
+        rows.append(dict(op='x_proj', shape=name, how=label, ms=ms, rel_err=err,
+                         GBps=2 * batch * L * E * 2 / ms / 1e6))
+        print(json.dumps(rows[-1]), flush=True)
+
+
+def time_out_norm(rows, name, batch, L, D, configs=None):
+    """``configs``: the fused kernel's settings to time (default: every sweep config)."""
+    from vim_mm.ops import triton_out_norm
+    K = 4 * D  # [y_f | y_b], E = 2 D each
+    y = torch.randn(batch, L, K, device='cuda', dtype=torch.bfloat16)
+    w = (torch.randn(D, K, device='cuda') * K ** -0.5).to(torch.bfloat16)
+    residual = torch.randn(batch, L, D, device='cuda')
+    norm_w = torch.rand(D, device='cuda') + 0.5
+    eps = 1e-5
+
+    def unfused():
+        return add_rms_norm(F.linear(y, w), residual, norm_w, eps)
+    want = triton_out_norm.linear_add_rms_norm_torch(y, w, None, residual, norm_w, eps)
+    out = F.linear(y, w)
+    for label, fn in (('out_proj alone', lambda: F.linear(y, w)),
+                      ('add_rms_norm alone', lambda: add_rms_norm(out, residual, norm_w, eps)),
+                      ('out_proj + add_rms_norm', unfused)):
+        ms = bench(fn)
+        rows.append(dict(op='out_norm', shape=name, D=D, how=label, ms=ms))
+        print(json.dumps(rows[-1]), flush=True)
+    for config in configs or triton_out_norm.sweep_configs(D):
+        def fn(config=config):
+            return triton_out_norm.linear_add_rms_norm(y, w, None, residual, norm_w, eps,
+                                                       **config)
+        try:
+            got = fn()
+            ms = bench(fn)
+        except Exception as exc:  # a config that does not fit (shared memory, registers)
+            rows.append(dict(op='out_norm', shape=name, D=D, how='fused', config=config,
+                             error=f'{type(exc).__name__}: {str(exc)[:200]}'))
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        rows.append(dict(op='out_norm', shape=name, D=D, how='fused', config=config, ms=ms,
+                         rel_err_normed=rel_err(got[0], want[0]),
+                         rel_err_residual=rel_err(got[1], want[1])))
+        print(json.dumps(rows[-1]), flush=True)
+
+
+NORM_SETTINGS = [dict(block_m=m, num_warps=w) for m in (4, 8, 16, 32, 64) for w in (1, 2, 4, 8)
+                 if m >= w]
+
+
+def time_norm(rows, name, batch, L, D):
+    """The residual add + RMSNorm alone: mamba-ssm's kernel (a row per program) against
+    ``triton_add_norm.add_rms_norm_rows`` (block_m rows per program)."""
+    from vim_mm.ops.norm import add_rms_norm_torch
+    from vim_mm.ops.triton_add_norm import add_rms_norm_rows
+    x = torch.randn(batch, L, D, device='cuda', dtype=torch.bfloat16)
+    residual = torch.randn(batch, L, D, device='cuda')
+    norm_w = torch.rand(D, device='cuda') + 0.5
+    want = add_rms_norm_torch(x, residual, norm_w, 1e-5)
+    candidates = [('mamba-ssm', {}, lambda: add_rms_norm(x, residual, norm_w, 1e-5))] + [
+        ('rows', st, lambda st=st: add_rms_norm_rows(x, residual, norm_w, 1e-5, **st))
+        for st in NORM_SETTINGS]
+    for label, setting, fn in candidates:
+        got = fn()
+        ms = bench(fn)
+        rows.append(dict(op='norm', shape=name, how=label, setting=setting, ms=ms,
+                         rel_err_normed=rel_err(got[0], want[0]),
+                         rel_err_residual=rel_err(got[1], want[1]),
+                         GBps=batch * L * D * (2 + 4 + 4 + 2) / ms / 1e6))
+        print(json.dumps(rows[-1]), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--ops', nargs='+', default=['conv', 'x_proj', 'out_norm'])
+    parser.add_argument('--shapes', type=int, default=len(SHAPES), help='the first N shapes')
+    parser.add_argument('--reuse-best', type=int, default=3,
+                        help='out_norm: configs timed at a later shape of an already swept D')
+    parser.add_argument('--out')
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name, batch, L, D in SHAPES[:args.shapes]:
+        if 'conv' in args.ops:
+            time_conv(rows, name, batch, L, 2 * D)
+        if 'x_proj' in args.ops:
+            time_x_proj(rows, name, batch, L, 2 * D)
+        if 'norm' in args.ops:
+            time_norm(rows, name, batch, L, D)
+        if 'out_norm' in args.ops:
+            # the full sweep once per width D; at another shape of the same D its best few
+            timed = [r for r in rows if r['op'] == 'out_norm' and r.get('D') == D
+                     and 'config' in r and 'ms' in r]
+            best = sorted(timed, key=lambda r: r['ms'])[:args.reuse_best]
+            time_out_norm(rows, name, batch, L, D, [r['config'] for r in best])
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
+                                                  torch=torch.__version__,
+                                                  command=' '.join(sys.argv), rows=rows),
+                                             indent=1))
+
+
+if __name__ == '__main__':
+    main()
