@@ -5,19 +5,21 @@ CUDA-graph replays (``triton.testing.do_bench``, median), each candidate checked
 reference:
 
 * ``conv``: both directions' conv1d + SiLU (``triton_conv.bidirectional_conv``, stream kernel)
-  with its SiLU exact, by ex2/rcp.approx, or by tanh.approx (``silu=``), error against the
-  fp32 PyTorch twin;
-* ``x_proj``: both directions' x_proj as two ``F.linear``, one ``torch.bmm`` over the conv's
-  stacked (2, B, L, E) output (what the mixer runs), or ``triton_xproj.x_proj_both`` over its
-  candidate configs;
-* ``norm``: the residual add + RMSNorm alone, mamba-ssm's kernel against
-  ``triton_add_norm.add_rms_norm_rows``;
-* ``out_norm``: out_proj (``F.linear``, K = 2E: both directions side by side) followed by the
-  next block's residual add + RMSNorm (mamba-ssm's Triton kernel), each alone and together,
-  against ``triton_out_norm.linear_add_rms_norm`` (one kernel) over its candidate configs.
+  with its SiLU exact, by ex2/rcp.approx, or by tanh.approx (``silu=``) on one and two warps,
+  error against the fp32 PyTorch twin;
+* ``x_proj``: both directions' x_proj as two ``F.linear`` or one ``torch.bmm`` over the conv's
+  stacked (2, B, L, E) output (what the mixer runs);
+* ``norm``: the residual add + RMSNorm alone, mamba-ssm's kernel (a row per program) against
+  ``triton_add_norm.add_rms_norm_rows`` over rows per program and warps.
 
-    python benchmarks/gpu_layer_ops.py --out results/h200_layer_ops_v1.json
+    python benchmarks/gpu_layer_ops.py --out results/h200_layer_ops_v2.json
     python benchmarks/gpu_layer_ops.py --ops conv x_proj --shapes 1
+
+Fourteenth session (benchmarks/README.md): results/h200_layer_ops_v1.json (conv, x_proj and
+the ``out_norm`` candidate below), ``_norm_v1``, ``_xproj_v1``. Two candidates were timed and
+removed (commit 62910fb has them and this script's ops for them): out_proj + the next block's
+add + RMSNorm as one Triton GEMM (``out_norm``: 102 us at best at 16 x 4097 against 87 for
+cuBLAS + mamba-ssm's norm) and both x_proj as one skinny Triton GEMM (38.4 us, bmm 38.5).
 """
 from __future__ import annotations
 
@@ -75,58 +77,12 @@ def time_x_proj(rows, name, batch, L, E):
         'two F.linear': lambda: [F.linear(u, w) for u, w in zip(u2, w2)],
         'one bmm': lambda: torch.bmm(u2.view(2, batch * L, E), w2.transpose(1, 2)),
     }
-    from vim_mm.ops.triton_xproj import sweep_configs, x_proj_both
-    for config in sweep_configs():
-        candidates[json.dumps(config)] = lambda config=config: x_proj_both(u2, w2, **config)
     for label, fn in candidates.items():
-        try:
-            got = [g.reshape(batch, L, -1) for g in fn()]
-            ms = bench(fn)
-        except Exception as exc:  # a Triton config that does not fit
-            rows.append(dict(op='x_proj', shape=name, how=label,
-                             error=f'{type(exc).__name__}: {str(exc)[:200]}'))
-            continue
+        got = [g.reshape(batch, L, -1) for g in fn()]
+        ms = bench(fn)
         err = max(rel_err(g, w) for g, w in zip(got, want))
         rows.append(dict(op='x_proj', shape=name, how=label, ms=ms, rel_err=err,
                          GBps=2 * batch * L * E * 2 / ms / 1e6))
-        print(json.dumps(rows[-1]), flush=True)
-
-
-def time_out_norm(rows, name, batch, L, D, configs=None):
-    """``configs``: the fused kernel's settings to time (default: every sweep config)."""
-    from vim_mm.ops import triton_out_norm
-    K = 4 * D  # [y_f | y_b], E = 2 D each
-    y = torch.randn(batch, L, K, device='cuda', dtype=torch.bfloat16)
-    w = (torch.randn(D, K, device='cuda') * K ** -0.5).to(torch.bfloat16)
-    residual = torch.randn(batch, L, D, device='cuda')
-    norm_w = torch.rand(D, device='cuda') + 0.5
-    eps = 1e-5
-
-    def unfused():
-        return add_rms_norm(F.linear(y, w), residual, norm_w, eps)
-    want = triton_out_norm.linear_add_rms_norm_torch(y, w, None, residual, norm_w, eps)
-    out = F.linear(y, w)
-    for label, fn in (('out_proj alone', lambda: F.linear(y, w)),
-                      ('add_rms_norm alone', lambda: add_rms_norm(out, residual, norm_w, eps)),
-                      ('out_proj + add_rms_norm', unfused)):
-        ms = bench(fn)
-        rows.append(dict(op='out_norm', shape=name, D=D, how=label, ms=ms))
-        print(json.dumps(rows[-1]), flush=True)
-    for config in configs or triton_out_norm.sweep_configs(D):
-        def fn(config=config):
-            return triton_out_norm.linear_add_rms_norm(y, w, None, residual, norm_w, eps,
-                                                       **config)
-        try:
-            got = fn()
-            ms = bench(fn)
-        except Exception as exc:  # a config that does not fit (shared memory, registers)
-            rows.append(dict(op='out_norm', shape=name, D=D, how='fused', config=config,
-                             error=f'{type(exc).__name__}: {str(exc)[:200]}'))
-            print(json.dumps(rows[-1]), flush=True)
-            continue
-        rows.append(dict(op='out_norm', shape=name, D=D, how='fused', config=config, ms=ms,
-                         rel_err_normed=rel_err(got[0], want[0]),
-                         rel_err_residual=rel_err(got[1], want[1])))
         print(json.dumps(rows[-1]), flush=True)
 
 
@@ -158,10 +114,8 @@ def time_norm(rows, name, batch, L, D):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--ops', nargs='+', default=['conv', 'x_proj', 'out_norm'])
+    parser.add_argument('--ops', nargs='+', default=['conv', 'x_proj', 'norm'])
     parser.add_argument('--shapes', type=int, default=len(SHAPES), help='the first N shapes')
-    parser.add_argument('--reuse-best', type=int, default=3,
-                        help='out_norm: configs timed at a later shape of an already swept D')
     parser.add_argument('--out')
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -173,12 +127,6 @@ def main():
             time_x_proj(rows, name, batch, L, 2 * D)
         if 'norm' in args.ops:
             time_norm(rows, name, batch, L, D)
-        if 'out_norm' in args.ops:
-            # the full sweep once per width D; at another shape of the same D its best few
-            timed = [r for r in rows if r['op'] == 'out_norm' and r.get('D') == D
-                     and 'config' in r and 'ms' in r]
-            best = sorted(timed, key=lambda r: r['ms'])[:args.reuse_best]
-            time_out_norm(rows, name, batch, L, D, [r['config'] for r in best])
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
                                                   torch=torch.__version__,
