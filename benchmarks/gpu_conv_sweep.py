@@ -13,6 +13,11 @@ Twelfth session, ``results/h200_conv_cuda_v1.json``: a CUDA C++ kernel with 16-b
 (commit 1935ada, ``--cuda``; reverted: 111 us at best against 64.5 for the stream kernel at
 16 x 4097 x 384) and a copy moving the same bytes (``torch.cat``: 151 us).
 
+Fourteenth session: the SiLU by tanh.approx (``silu``, now the 16-bit default, on two warps),
+``--grid '{"silu": ["tanh"], "block_e": [64, 128, 256], "num_warps": [2, 4], "unroll": [4, 8],
+"chunk_l": [64, 128]}'``, ``results/h200_conv_sweep_tanh_v1.json``: the default fastest or
+within 3% at each shape.
+
 ``--grid``: the stream settings to time instead (JSON, each key a list; unnamed settings keep
 ``bidirectional_conv``'s defaults), after the default setting. Twelfth session: 8 channels per
 thread (16-byte accesses: block_e 256 on one warp), ``results/h200_conv_sweep_v2.json``.
