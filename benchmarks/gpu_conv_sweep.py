@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vim_mm.models.cuda_graph import capture_cuda_graph  # noqa: E402
 from vim_mm.ops.triton_conv import bidirectional_conv, bidirectional_conv_torch  # noqa: E402
+from timing import graph_median_ms  # noqa: E402
 
 SHAPES = [(16, 4097, 384), (4, 16385, 384), (32, 1025, 384), (128, 197, 384), (16, 4097, 768)]
 SETTINGS = [dict(impl='tile')] + [
@@ -44,7 +44,6 @@ SETTINGS = [dict(impl='tile')] + [
 
 
 def main():
-    from triton.testing import do_bench
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out')
     parser.add_argument('--grid', help='JSON {setting: [values]} of stream settings')
@@ -67,7 +66,7 @@ def main():
                 return bidirectional_conv(x, w_f, b_f, w_b, b_b, **setting)
             err = max(((a.float() - b).abs().max() / b.abs().max()).item()
                       for a, b in zip(fn(), want))
-            ms = do_bench(capture_cuda_graph(fn)[0], warmup=25, rep=100, return_mode='median')
+            ms = graph_median_ms(fn)
             rows.append(dict(batch=batch, L=L, E=E, setting=setting, ms=ms, rel_err=err,
                              GBps=3 * batch * L * E * 2 / ms / 1e6))  # x read, u_f, u_b written
             print(json.dumps(rows[-1]), flush=True)

@@ -33,20 +33,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vim_mm.models.cuda_graph import capture_cuda_graph  # noqa: E402
 from vim_mm.ops.norm import add_rms_norm  # noqa: E402
 from vim_mm.ops.triton_conv import bidirectional_conv, bidirectional_conv_torch  # noqa: E402
+from timing import graph_median_ms as bench  # noqa: E402
 
 # (name, batch, L, d_model): E = 2 d_model channels in the mixer
 SHAPES = [('vim-t 1024 b16', 16, 4097, 192), ('vim-t 1248 b16', 16, 6085, 192),
           ('vim-s 1024 b16', 16, 4097, 384)]
 CONV_SETTINGS = [dict(), dict(num_warps=2)]
 ROWS_PADDED = 48  # x_proj's rows (dt_rank 12/24 + 2 x 16) padded to a multiple of 8
-
-
-def bench(fn) -> float:
-    from triton.testing import do_bench
-    return do_bench(capture_cuda_graph(fn)[0], warmup=25, rep=100, return_mode='median')
 
 
 def rel_err(got, want) -> float:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vim_mm.models.cuda_graph import capture_cuda_graph  # noqa: E402
 from vim_mm.ops import triton_patch_embed as pe  # noqa: E402
+from timing import graph_median_ms as timed  # noqa: E402
 
 SHAPES = [(128, 224, 192), (32, 512, 192), (16, 1024, 192), (16, 1248, 192), (4, 2048, 192),
           (16, 1024, 384)]  # (batch, resolution, embed dims)
@@ -35,12 +35,6 @@ def torch_lines(image, weight, bias, pos, dtype):
         tokens = torch.nn.functional.linear(patches.reshape(b, (h // 16) * (w // 16), -1),
                                             weight.reshape(weight.shape[0], -1), bias)
         return tokens + pos
-
-
-def timed(fn):
-    from triton.testing import do_bench
-    replay = capture_cuda_graph(fn)[0]
-    return do_bench(replay, warmup=25, rep=100, return_mode='median')
 
 
 def main():

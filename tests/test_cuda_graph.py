@@ -401,7 +401,8 @@ def cpp_branch(monkeypatch):
     monkeypatch.setattr('vim_mm.models.mixer.resolve_backend',
                         lambda backend, device_type, needs_grad=True:
                         'torch' if needs_grad else 'triton')
-    monkeypatch.setattr(triton_conv, 'bidirectional_conv', triton_conv.bidirectional_conv_torch)
+    monkeypatch.setattr(triton_conv, 'bidirectional_conv',  # the twin, stacked as the kernel's
+                        lambda *args: torch.stack(triton_conv.bidirectional_conv_torch(*args)))
     monkeypatch.setattr(BiMambaMixer, '_use_cuda_scan', lambda self, u, z: True)
     monkeypatch.setattr(cuda_scan, 'bidirectional_scan_infer', scan)
 

@@ -236,7 +236,8 @@ class FakeScan:
 @pytest.fixture
 def fake_scan(monkeypatch):
     fake = FakeScan()
-    monkeypatch.setattr(triton_conv, 'bidirectional_conv', triton_conv.bidirectional_conv_torch)
+    monkeypatch.setattr(triton_conv, 'bidirectional_conv',  # the twin, stacked as the kernel's
+                        lambda *args: torch.stack(triton_conv.bidirectional_conv_torch(*args)))
     monkeypatch.setattr(BiMambaMixer, '_use_cuda_scan', lambda self, u, z: True)
     monkeypatch.setattr(cuda_scan, 'bidirectional_scan_infer', fake)
     return fake

@@ -35,19 +35,21 @@ def add_rms_norm_torch(x, residual, weight, eps, rowscale=None):
     return rms_norm(new_residual, weight, eps).to(x.dtype), new_residual
 
 
-def use_fused_norm(x, residual, fused: bool = True) -> bool:
-    return (fused and FUSED_NORM_AVAILABLE and x.is_cuda
-            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+def _kernel_inputs(x, residual, fused: bool) -> bool:
+    """What both Triton kernels take: CUDA, 32/16-bit x, a float32 residual stream."""
+    return (fused and x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and (residual is None or residual.dtype == torch.float32))
 
 
+def use_fused_norm(x, residual, fused: bool = True) -> bool:
+    return FUSED_NORM_AVAILABLE and _kernel_inputs(x, residual, fused)
+
+
 def use_rows_kernel(x, residual, weight, rowscale, fused: bool = True) -> bool:
-    """Whether :func:`~vim_mm.ops.triton_add_norm.add_rms_norm_rows` runs instead: CUDA, no
-    gradient needed, no stochastic-depth rowscale (inference)."""
+    """Whether :func:`~vim_mm.ops.triton_add_norm.add_rms_norm_rows` runs instead: no gradient
+    needed, no stochastic-depth rowscale (inference)."""
     from .triton_add_norm import triton
-    return (fused and triton is not None and x.is_cuda and rowscale is None
-            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and (residual is None or residual.dtype == torch.float32)
+    return (triton is not None and rowscale is None and _kernel_inputs(x, residual, fused)
             and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, residual, weight))))
 

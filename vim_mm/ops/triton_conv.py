@@ -87,28 +87,23 @@ if triton is not None:
         tl.store(uf_ptr + out, acc_f * tl.sigmoid(acc_f), mask=mask)
         tl.store(ub_ptr + out, acc_b * tl.sigmoid(acc_b), mask=mask)
 
-    PTX = tl.constexpr(not INTERPRET)
+    from .triton_scan import PTX, _sigmoid  # the scan's MUFU sigmoid (ex2 + rcp.approx)
 
     @triton.jit
     def _silu(x, SILU: tl.constexpr):
-        """x sigmoid(x): SILU 0 exact (libdevice exp, IEEE division), 1 by ex2.approx and
-        rcp.approx (2 MUFU operations, relative error ~1e-7), 2 by tanh.approx as
+        """x sigmoid(x): SILU 0 exact (libdevice exp, IEEE division), 1 by the scan's
+        approximate sigmoid (2 MUFU operations, relative error ~1e-7), 2 by tanh.approx as
         x (1 + tanh(x / 2)) / 2 (1 MUFU operation; the PTX manual bounds tanh.approx's relative
         error by 2^-11; on an H200 both approximate outputs meet assert_close's bf16
         tolerances against the fp32 twin element by element, tests/test_triton_conv_stream.py).
-        The interpreter runs the exact formula for all three (PTX is GPU-only)."""
+        The interpreter computes all three without PTX (exact up to fp32 rounding)."""
         if SILU == 2 and PTX:
             h = 0.5 * x
             t = tl.inline_asm_elementwise('tanh.approx.f32 $0, $1;', '=r,r', [h],
                                           dtype=tl.float32, is_pure=True, pack=1)
             return h + h * t
-        elif SILU == 1 and PTX:
-            e = tl.inline_asm_elementwise('ex2.approx.ftz.f32 $0, $1;', '=r,r',
-                                          [x * -1.4426950408889634], dtype=tl.float32,
-                                          is_pure=True, pack=1)
-            r = tl.inline_asm_elementwise('rcp.approx.ftz.f32 $0, $1;', '=r,r', [1.0 + e],
-                                          dtype=tl.float32, is_pure=True, pack=1)
-            return x * r
+        elif SILU == 1:
+            return x * _sigmoid(x, True)
         else:
             return x * tl.sigmoid(x)
 
@@ -217,7 +212,7 @@ def bidirectional_conv(x, w_f, b_f, w_b, b_b, block_l: int = 32, block_e: int = 
     fastest changes between runs). 16 x 4097 x 384 in bf16: 58-61 us, against 85-87 us for
     'tile'.
 
-    ``silu`` (stream kernel only): 'exact', 'exp' (ex2.approx + rcp.approx) or 'tanh'
+    ``silu`` (stream kernel only): 'exact', 'exp' (exp2 + rcp.approx) or 'tanh'
     (tanh.approx): see :func:`_silu`. None: 'tanh' for 16-bit x (its error is within the
     output's rounding) on two warps unless ``num_warps`` says otherwise, 'exact' for fp32.
     H200, 16 x 4097 x 384 bf16 (``benchmarks/gpu_layer_ops.py``, results/h200_layer_ops_v1):
