@@ -216,7 +216,7 @@ def bidirectional_conv(x, w_f, b_f, w_b, b_b, block_l: int = 32, block_e: int = 
     (tanh.approx): see :func:`_silu`. None: 'tanh' for 16-bit x (its error is within the
     output's rounding) on two warps unless ``num_warps`` says otherwise, 'exact' for fp32.
     H200, 16 x 4097 x 384 bf16 (``benchmarks/gpu_layer_ops.py``, results/h200_layer_ops_v1):
-    exact 63.8 us, 'exp' 60.3, 'tanh' 54.8 on one warp and 49.1 on two.
+    exact 63.8 us, 'exp' 56.7, 'tanh' 54.8 on one warp and 49.1 on two (h200_layer_ops_review).
 
     The outputs are one (2, batch, L, E) tensor's two halves (``u_f, u_b = out`` unpacks it
     too), so both directions' x_proj can be one batched GEMM.
