@@ -1,7 +1,7 @@
 // Inference scan of the Vim mixer, both directions, in CUDA C++ (compiled at run time by NVRTC).
 //
 // What one call computes, for a (batch, L, E) token-major layout (vim_mm/ops/cuda_scan.py):
-//   dt_t  = softplus(W_dt . xdbl_t[dt] + bias)                (dt_proj folded in: R FMAs)
+//   dt_t  = softplus(W_dt . xdbl_t[dt] + bias)                (dt_proj folded in: tensor cores)
 //   h_t   = exp(dt_t A) h_{t-1} + dt_t B_t u_t                 (forward: t = 0..L-1)
 //   h_t   = exp(dt_t A) h_{t+1} + dt_t B_t u_t                 (backward: t = L-1..0)
 //   out[t, dir * E + e] = (C_t . h_t + D u_t) * silu(z_t) / 2  (out_proj sums the two halves)
@@ -13,9 +13,10 @@
 // an instruction every 2.6 cycles), so the NS states of a channel are split over SPLIT
 // neighbouring lanes (NS / SPLIT states each): SPLIT times the warps, each exp still once.
 // Per tile of TT tokens (staged in shared memory by cp.async, STAGES tiles ahead):
-//   1. B, C and the low-rank dt of each token (the same for every channel) in fp32, once;
-//   2. per (token, channel), by one of its SPLIT lanes: dt_proj (R FMAs), softplus, dt u and
-//      the gate, which do not depend on the state (independent work: latencies overlap);
+//   1. B, C and the low-rank dt of each token (the same for every channel) in fp32, once, and
+//      dt_proj for every (token, channel) of the tile as mma.sync tiles (dt_tile);
+//   2. per (token, channel), by one of its SPLIT lanes: softplus, dt u and the gate, which do
+//      not depend on the state (independent work: latencies overlap);
 //   3. the walk: per token and lane NS / SPLIT exps and FMAs and a partial C . h;
 //   4. per (token, channel), by one lane: the partials summed, D u added, gated, stored.
 // NPOLY of a lane's exps per token can run as a degree-5 polynomial on the FMA pipe instead of
@@ -66,6 +67,7 @@ typedef long long i64;
 #define XC (R + NS)                       // where C starts
 #define NT (CH * SPLIT)                   // threads of a block
 #define NPT (NS / SPLIT)                  // states per lane
+#define DT_ROW (CH + 8)                   // a row of Tiles::dt: 8 floats of pad, conflict-free
 // Steps 2 and 4 handle (token row, channel) pairs. PREP_BY_ROW=0: thread (c, lane) of the walk
 // takes its own channel c and the rows lane, lane + SPLIT, ... (a warp touches SPLIT rows, with
 // a row stride of a multiple of 128 bytes: bank conflicts, measured), so a __syncwarp orders
@@ -82,6 +84,8 @@ typedef long long i64;
 #endif
 static_assert(NS % 4 == 0 && R % 4 == 0 && NS % SPLIT == 0 && 32 % SPLIT == 0,
               "vim_scan: NS and R must be multiples of 4, SPLIT divide NS and 32");
+static_assert(CH % 8 == 0 && NT % 32 == 0,
+              "vim_scan: CH must be a multiple of 8 and CH * SPLIT of 32 (whole warps: mma)");
 
 // The PTX helpers; tests/cuda_emulation.h gives C++ versions of the same to run the kernels'
 // logic on the CPU (VIM_SCAN_EMULATE, in the tests only).
@@ -118,6 +122,20 @@ __device__ __forceinline__ float lg2(float x) {
   return y;
 }
 
+// D += A B for one m16n8k16 tile: A 16 x 16 (row-major), B 16 x 8 (column-major) of 16-bit
+// values, D 16 x 8 in fp32; the fragments of each lane as the PTX ISA lays them out (dt_tile).
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
+                                          const unsigned (&b)[2]) {
+#if FP16
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#endif
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 // one MUFU op for the gate's sigmoid where ex2 + rcp took two (max relative error 2^-10.99;
 // the gated output is rounded to 16 bits after it: H200, tenth session, 0.5-4% faster per call)
 __device__ __forceinline__ float tanh_approx(float x) {
@@ -132,15 +150,19 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return a;
 }
 
+// A shared-memory address as cp.async takes it (the emulation's is a plain pointer).
+typedef unsigned SmemPtr;
+__device__ __forceinline__ SmemPtr smem_ptr(const void* p) { return smem_addr(p); }
+
 template <int BYTES>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+__device__ __forceinline__ void cp_async(SmemPtr dst, const void* src, bool valid) {
   // zero-fills the destination when !valid (src is then never read)
   const int n = valid ? BYTES : 0;
   if (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
                  "l"(src), "r"(n) : "memory");
   else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)),
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst),
                  "l"(src), "n"(BYTES), "r"(n) : "memory");
 }
 
@@ -194,7 +216,14 @@ struct Tiles {
   u16 x[STAGES][TT][XWP];
   float xf[TT + 2][XF];     // the tile's [dt | B | C] in fp32, read by every lane
   float2 ld[TT + 2][CH];    // (log2(1 + e^x), dt u) per token and channel
-  float yp[TT][CH][SPLIT];  // the lanes' partial C . h
+#if PREP_BY_ROW  // step 2 ends on a block barrier: dt is dead before the walk writes yp
+  union {
+#endif
+    float yp[TT][CH][SPLIT];  // the lanes' partial C . h
+    float dt[TT][DT_ROW];     // dt_proj's output (plus bias) per token and channel (dt_tile)
+#if PREP_BY_ROW
+  };
+#endif
 };
 
 // Where a block's tiles live: static shared memory (at most 48 KB), or with DYN_SMEM dynamic
@@ -225,32 +254,116 @@ struct Walk {
 // counts, and a staged row is a whole number of pieces, so piece i lands at byte i * size of
 // its stage (the ninth session's loops computed row, column and bounds per piece: ~190
 // instructions per tile and thread, as many as 7 tokens of the walk). Offsets within a batch
-// row are 32-bit (launch_plan checks that they fit). WHOLE: every token of the tile is in
-// [lo, hi) (all but a chunk's last tile), no token checks.
+// row are unsigned 32-bit (launch_plan checks that they fit), and the destinations are offsets
+// from `sm`, the tiles' shared address taken once per walk (v16 converted a pointer per copy:
+// with the sign extensions ~100 instructions per whole tile for its 4 copies per thread).
+// WHOLE: every token of the tile is in [lo, hi) (all but a chunk's last tile), no token
+// checks.
+// Where Tiles::u, z and x start: its first three members, whole numbers of 16 bytes, no padding
+// (NVRTC takes no offsetof).
+#define TILE_OFFSET_u 0u
+#define TILE_OFFSET_z (unsigned)(STAGES * TT * CH * 2)
+#define TILE_OFFSET_x (unsigned)(2 * STAGES * TT * CH * 2)
+#define TILE_OFFSET(member) TILE_OFFSET_##member
 template <bool FINAL, bool WHOLE>
-__device__ __forceinline__ void issue_tile(Tiles& s, const Walk& w, int k, int stage) {
-  const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
+__device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, int k, int stage) {
+  const unsigned t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
   constexpr int UPR = CH / 8;              // 16-byte pieces per row of a (TT, CH) 16-bit tile
   constexpr int U_PIECES = TT * UPR, U_ROWS_PER_PASS = NT / UPR;
-  const int ucol = (threadIdx.x % UPR) * 8;
-  const bool chan_ok = w.e0 + ucol < w.E;
+  const unsigned ucol = (threadIdx.x % UPR) * 8;
+  const bool chan_ok = w.e0 + (int)ucol < w.E;
 #pragma unroll
   for (int j = 0; j < (U_PIECES + NT - 1) / NT; ++j) {
-    const int i = threadIdx.x + j * NT;
+    const unsigned i = threadIdx.x + j * NT;
     if (U_PIECES % NT != 0 && i >= U_PIECES) break;
-    const int row = threadIdx.x / UPR + j * U_ROWS_PER_PASS, t = t0 + row;
-    const bool ok = chan_ok && (WHOLE || (t >= w.lo && t < w.hi));
-    cp_async<16>(&s.u[stage][0][0] + i * 8, w.u + (ok ? t * w.su_l + ucol : 0), ok);
-    if (FINAL) cp_async<16>(&s.z[stage][0][0] + i * 8, w.z + (ok ? t * w.sz_l + ucol : 0), ok);
+    const unsigned t = t0 + threadIdx.x / UPR + j * U_ROWS_PER_PASS;
+    const bool ok = chan_ok && (WHOLE || ((int)t >= w.lo && (int)t < w.hi));
+    const unsigned dst = (stage * TT * CH + i * 8) * 2;
+    cp_async<16>(sm + TILE_OFFSET(u) + dst, w.u + (ok ? t * w.su_l + ucol : 0u), ok);
+    if (FINAL) cp_async<16>(sm + TILE_OFFSET(z) + dst, w.z + (ok ? t * w.sz_l + ucol : 0u), ok);
   }
   constexpr int PIECE = XV / 2, PPR = XWP / PIECE, X_PIECES = TT * PPR;
 #pragma unroll
   for (int j = 0; j < (X_PIECES + NT - 1) / NT; ++j) {
-    const int i = threadIdx.x + j * NT;
+    const unsigned i = threadIdx.x + j * NT;
     if (X_PIECES % NT != 0 && i >= X_PIECES) break;
-    const int row = i / PPR, col = (i - row * PPR) * PIECE, t = t0 + row;
-    const bool ok = WHOLE || (t >= w.lo && t < w.hi);
-    cp_async<XV>(&s.x[stage][0][0] + i * PIECE, w.xd + (ok ? t * w.sx_l + col : 0), ok);
+    const unsigned row = i / PPR, col = (i - row * PPR) * PIECE, t = t0 + row;
+    const bool ok = WHOLE || ((int)t >= w.lo && (int)t < w.hi);
+    cp_async<XV>(sm + TILE_OFFSET(x) + (stage * TT * XWP + i * PIECE) * 2,
+                 w.xd + (ok ? t * w.sx_l + col : 0u), ok);
+  }
+}
+
+// Step 1b: dt_proj of the tile, x_dt (TT x R, 16-bit, as staged) times W_dt^T (R x CH) plus the
+// bias, into Tiles::dt as m16n8k16 mma.sync tiles, each warp taking tiles warp, warp + NWARP, ...
+// W_dt is split into 16-bit high and low halves (two mmas) so that dt keeps about fp32's
+// precision (x_dt is 16-bit already). Why: on the FMA pipe dt_proj took R FMAs and R / 4 shared
+// loads per (token, channel) in step 2, about 45% of its instructions (H200 SASS, v16); here it
+// is a few instructions per tile and warp. A fragment column k >= R reads as zero.
+constexpr int NWARP = NT / 32;
+constexpr int MMA_M = (TT + 15) / 16, MMA_N = CH / 8, MMA_K = (R + 15) / 16;
+constexpr int MMA_TILES = MMA_M * MMA_N, MMA_PER_WARP = (MMA_TILES + NWARP - 1) / NWARP;
+
+struct DtProj {  // this lane's fragments of W_dt^T and its bias for each of its warp's tiles
+  unsigned hi[MMA_PER_WARP][MMA_K][2], lo[MMA_PER_WARP][MMA_K][2];
+  float bias[MMA_PER_WARP][2];
+};
+
+__device__ __forceinline__ unsigned pack16(u16 lo, u16 hi) { return lo | ((unsigned)hi << 16); }
+
+// W (E x R, fp32) and bias of the block's direction; channels past E are zero.
+__device__ __forceinline__ void load_dt_proj(DtProj& p, const float* W, const float* bias,
+                                             int e0, int E) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int i = 0; i < MMA_PER_WARP; ++i) {
+    const int n = (warp + i * NWARP) % MMA_N;
+    const int cb = e0 + n * 8 + g;  // B's column: a channel
+#pragma unroll
+    for (int ks = 0; ks < MMA_K; ++ks)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int k = ks * 16 + h * 8 + 2 * tig;  // R % 4 == 0: k and k + 1 both in or out
+        const bool ok = cb < E && k < R;
+        const float w0 = ok ? W[cb * R + k] : 0.f, w1 = ok ? W[cb * R + k + 1] : 0.f;
+        const u16 h0 = from_f32(w0), h1 = from_f32(w1);
+        p.hi[i][ks][h] = pack16(h0, h1);
+        p.lo[i][ks][h] = pack16(from_f32(w0 - to_f32(h0)), from_f32(w1 - to_f32(h1)));
+      }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int c = e0 + n * 8 + 2 * tig + j;
+      p.bias[i][j] = c < E ? bias[c] : 0.f;
+    }
+  }
+}
+
+__device__ __forceinline__ void dt_tile(Tiles& s, int stage, const DtProj& p) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
+#pragma unroll
+  for (int i = 0; i < MMA_PER_WARP; ++i) {
+    const int tile = warp + i * NWARP;
+    if (MMA_TILES % NWARP != 0 && tile >= MMA_TILES) break;  // warp-uniform
+    const int m = tile / MMA_N, n = tile % MMA_N;
+    const int r0 = m * 16 + g, r1 = r0 + 8;
+    const bool in0 = TT % 16 == 0 || r0 < TT, in1 = TT % 16 == 0 || r1 < TT;
+    const u16* x0 = &s.x[stage][in0 ? r0 : 0][0];
+    const u16* x1 = &s.x[stage][in1 ? r1 : 0][0];
+    float d[4] = {p.bias[i][0], p.bias[i][1], p.bias[i][0], p.bias[i][1]};
+#pragma unroll
+    for (int ks = 0; ks < MMA_K; ++ks) {
+      const int k = ks * 16 + 2 * tig;
+      unsigned a[4];
+      a[0] = k < R && in0 ? *reinterpret_cast<const unsigned*>(x0 + k) : 0u;
+      a[1] = k < R && in1 ? *reinterpret_cast<const unsigned*>(x1 + k) : 0u;
+      a[2] = k + 8 < R && in0 ? *reinterpret_cast<const unsigned*>(x0 + k + 8) : 0u;
+      a[3] = k + 8 < R && in1 ? *reinterpret_cast<const unsigned*>(x1 + k + 8) : 0u;
+      mma_16816(d, a, p.hi[i][ks]);
+      mma_16816(d, a, p.lo[i][ks]);
+    }
+    const int c = n * 8 + 2 * tig;
+    if (in0) *reinterpret_cast<float2*>(&s.dt[r0][c]) = make_float2(d[0], d[1]);
+    if (in1) *reinterpret_cast<float2*>(&s.dt[r1][c]) = make_float2(d[2], d[3]);
   }
 }
 
@@ -263,8 +376,7 @@ __device__ __forceinline__ void issue_tile(Tiles& s, const Walk& w, int k, int s
 // channel (the tenth session's kernel passed them through shared memory).
 constexpr int PREP_ROWS = TT / SPLIT;
 template <bool FINAL>
-__device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0,
-                                        const float (&W)[R], float bias, float D,
+__device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0, float D,
                                         float2 (&go)[PREP_ROWS]) {
   constexpr int K = PREP_ROWS;
   constexpr float LOG2E = 1.4426950408889634f;
@@ -272,15 +384,7 @@ __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0,
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int r = r0 + k * SPLIT;
-    const float* xf = s.xf[r + 1];
-    float x0 = bias, x1 = 0.f, x2 = 0.f;  // three short FMA chains instead of one of length R
-#pragma unroll
-    for (int j = 0; j < R; j += 3) {
-      x0 = fmaf(W[j], xf[j], x0);
-      if (j + 1 < R) x1 = fmaf(W[j + 1], xf[j + 1], x1);
-      if (j + 2 < R) x2 = fmaf(W[j + 2], xf[j + 2], x2);
-    }
-    x[k] = x0 + (x1 + x2);
+    x[k] = s.dt[r][c];
     u[k] = to_f32(s.u[stage][r][c]);
     if (FINAL) zz[k] = to_f32(s.z[stage][r][c]);
   }
@@ -415,15 +519,16 @@ __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t
 // Steps 1-4 of every tile by the same threads, four barriers per tile.
 template <bool FINAL>
 __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
-                                     const float (&A)[NPT], const float (&W)[R], float bias,
-                                     float D, float& dt_sum) {
+                                     const float (&A)[NPT], const DtProj& dtp, float D,
+                                     float& dt_sum) {
   const int n_tiles = (w.hi - w.lo + TT - 1) / TT;
   const int pc = PREP_C, pr0 = PREP_R0;  // steps 2 and 4: channel pc, tokens pr0 + k SPLIT
   const bool active = w.e0 + pc < w.E;
   float2 go[PREP_ROWS];  // step 2's gates for step 4
+  const SmemPtr sm = smem_ptr(&s);
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
-    if (k < n_tiles) issue_tile<FINAL, false>(s, w, k, k);
+    if (k < n_tiles) issue_tile<FINAL, false>(sm, w, k, k);
     cp_async_commit();
   }
   for (int k = 0; k < n_tiles; ++k) {
@@ -431,12 +536,13 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile k is in; every thread is done with tile k - 1
     const int kn = k + STAGES - 1;  // the tile issued now; all but the chunk's last are whole
-    if (kn < n_tiles - 1) issue_tile<FINAL, true>(s, w, kn, kn % STAGES);
-    else if (kn == n_tiles - 1) issue_tile<FINAL, false>(s, w, kn, kn % STAGES);
+    if (kn < n_tiles - 1) issue_tile<FINAL, true>(sm, w, kn, kn % STAGES);
+    else if (kn == n_tiles - 1) issue_tile<FINAL, false>(sm, w, kn, kn % STAGES);
     cp_async_commit();
     convert_tile(s, stage);  // the tile's x_dbl rows in fp32
+    dt_tile(s, stage, dtp);  // and its dt_proj
     __syncthreads();
-    prepare<FINAL>(s, stage, pc, pr0, W, bias, D, go);
+    prepare<FINAL>(s, stage, pc, pr0, D, go);
     PREP_SYNC();
     const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
     const int r0 = w.rev ? TT - 1 : 0, dr = w.rev ? -1 : 1;
@@ -464,13 +570,13 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
 }
 
 
-// A: this lane's states of the walk's channel e; W, bias, D: channel e0 + PREP_C, which this
-// thread prepares (channels past E read channel 0 and store nothing); h: the zero state.
+// A: this lane's states of the walk's channel e; D: channel e0 + PREP_C, which this thread
+// prepares (channels past E read channel 0 and store nothing); dtp: this lane's W_dt fragments
+// (dt_tile); h: the zero state.
 __device__ __forceinline__ void load_direction(
     int dir, int e, int lane, bool active, int e0, int E, const float* W_f, const float* bias_f,
     const float* A_f, const float* D_f, const float* W_b, const float* bias_b, const float* A_b,
-    const float* D_b, float (&A)[NPT], float (&W)[R], float& bias, float& D, float (&h)[NPT]) {
-  const float* Wp = dir ? W_b : W_f;
+    const float* D_b, float (&A)[NPT], DtProj& dtp, float& D, float (&h)[NPT]) {
   const float* Ap = dir ? A_b : A_f;
   const int ec = active ? e : 0;
 #if PREP_BY_ROW
@@ -480,9 +586,7 @@ __device__ __forceinline__ void load_direction(
 #endif
 #pragma unroll
   for (int j = 0; j < NPT; ++j) A[j] = Ap[ec * NS + lane * NPT + j];
-#pragma unroll
-  for (int j = 0; j < R; ++j) W[j] = Wp[ep * R + j];
-  bias = (dir ? bias_b : bias_f)[ep];
+  load_dt_proj(dtp, dir ? W_b : W_f, dir ? bias_b : bias_f, e0, E);
   D = (dir ? D_b : D_f)[ep];
 #pragma unroll
   for (int j = 0; j < NPT; ++j) h[j] = 0.f;
@@ -525,12 +629,13 @@ vim_scan_summary(SCAN_ARGS) {
   const int b = blockIdx.y, e0 = blockIdx.x * CH;
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
-  float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
+  float A[NPT], D, h[NPT], dt_sum = 0.f;
+  DtProj dtp;
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
-                 A, W, bias, D, h);
+                 A, dtp, D, h);
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
                            sz_l, out, so_b, so_l, L, E, chunk_l);
-  walk<false>(s, w, c, lane, h, A, W, bias, D, dt_sum);
+  walk<false>(s, w, c, lane, h, A, dtp, D, dt_sum);
   if (!active) return;
   const i64 row = ((i64)dir * batch + b) * n_chunks + chunk;  // (2, batch, n_chunks, [NS,] E)
 #pragma unroll
@@ -548,9 +653,10 @@ vim_scan_final(SCAN_ARGS) {
   const int b = blockIdx.y, e0 = blockIdx.x * CH;
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
-  float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
+  float A[NPT], D, h[NPT], dt_sum = 0.f;
+  DtProj dtp;
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
-                 A, W, bias, D, h);
+                 A, dtp, D, h);
   const int n_before = dir ? n_chunks - 1 - chunk : chunk;
   for (int i = 0; i < n_before; ++i) {  // chunks before this one, in walk order
     const int p = dir ? n_chunks - 1 - i : i;
@@ -563,5 +669,5 @@ vim_scan_final(SCAN_ARGS) {
   }
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
                            sz_l, out, so_b, so_l, L, E, chunk_l);
-  walk<true>(s, w, c, lane, h, A, W, bias, D, dt_sum);
+  walk<true>(s, w, c, lane, h, A, dtp, D, dt_sum);
 }
