@@ -214,13 +214,11 @@ def staged_width(width: int, piece_bytes: int) -> int:
 def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
     """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, their fp32 rows and
     (l, dt u) per token and channel (two spare rows each), the lanes' partial outputs (the gates
-    stay in registers since v13) and dt_proj's output (rows padded by 8 floats; in the partial
-    outputs' memory with ``prep_by_row``, whose block barrier ends its use before theirs)."""
+    stay in registers since v13)."""
     width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
     staged = staged_width(width, cfg.x_piece)
-    partials, dt = T * C * cfg.split * 4, T * (C + 8) * 4
     return (stages * T * (2 * C + staged) * 2 + (T + 2) * -(-width // 4) * 16
-            + (T + 2) * C * 8 + (max(partials, dt) if cfg.prep_by_row else partials + dt))
+            + (T + 2) * C * 8 + T * C * cfg.split * 4)
 
 
 def fitted(cfg: InferScanConfig, d_state: int, dt_rank: int) -> InferScanConfig:

@@ -1,7 +1,7 @@
 // Inference scan of the Vim mixer, both directions, in CUDA C++ (compiled at run time by NVRTC).
 //
 // What one call computes, for a (batch, L, E) token-major layout (vim_mm/ops/cuda_scan.py):
-//   dt_t  = softplus(W_dt . xdbl_t[dt] + bias)                (dt_proj folded in: tensor cores)
+//   dt_t  = softplus(W_dt . xdbl_t[dt] + bias)                (dt_proj folded in: R FMAs)
 //   h_t   = exp(dt_t A) h_{t-1} + dt_t B_t u_t                 (forward: t = 0..L-1)
 //   h_t   = exp(dt_t A) h_{t+1} + dt_t B_t u_t                 (backward: t = L-1..0)
 //   out[t, dir * E + e] = (C_t . h_t + D u_t) * silu(z_t) / 2  (out_proj sums the two halves)
@@ -13,10 +13,9 @@
 // an instruction every 2.6 cycles), so the NS states of a channel are split over SPLIT
 // neighbouring lanes (NS / SPLIT states each): SPLIT times the warps, each exp still once.
 // Per tile of TT tokens (staged in shared memory by cp.async, STAGES tiles ahead):
-//   1. B, C and the low-rank dt of each token (the same for every channel) in fp32, once, and
-//      dt_proj for every (token, channel) of the tile as mma.sync tiles (dt_tile);
-//   2. per (token, channel), by one of its SPLIT lanes: softplus, dt u and the gate, which do
-//      not depend on the state (independent work: latencies overlap);
+//   1. B, C and the low-rank dt of each token (the same for every channel) in fp32, once;
+//   2. per (token, channel), by one of its SPLIT lanes: dt_proj (R FMAs), softplus, dt u and
+//      the gate, which do not depend on the state (independent work: latencies overlap);
 //   3. the walk: per token and lane NS / SPLIT exps and FMAs and a partial C . h;
 //   4. per (token, channel), by one lane: the partials summed, D u added, gated, stored.
 // NPOLY of a lane's exps per token can run as a degree-5 polynomial on the FMA pipe instead of
@@ -52,7 +51,10 @@
 // Tried and removed: a producer warp per block staging and preparing tile k + 1 while the walkers
 // walked tile k (SPECIALIZED, commit 807ab2d): slower than the faster preset at every shape
 // timed, e.g. 0.475 ms at best against 0.455 at 16 x 4097 (thirteenth session,
-// results/h200_infer_scan_ws_explore.json).
+// results/h200_infer_scan_ws_explore.json). dt_proj of each tile as mma.sync tiles on the tensor
+// cores instead of step 2's R FMAs per (token, channel) (commit dd5ff50): 7% fewer instructions
+// but 8% slower, 0.4627 against 0.4275 ms at 16 x 4097 (fifteenth session,
+// results/h200_infer_scan_v17_ab.json; ncu: the SM sub-partitions idle more, not a busier pipe).
 
 typedef unsigned short u16;
 typedef long long i64;
@@ -67,7 +69,6 @@ typedef long long i64;
 #define XC (R + NS)                       // where C starts
 #define NT (CH * SPLIT)                   // threads of a block
 #define NPT (NS / SPLIT)                  // states per lane
-#define DT_ROW (CH + 8)                   // a row of Tiles::dt: 8 floats of pad, conflict-free
 // Steps 2 and 4 handle (token row, channel) pairs. PREP_BY_ROW=0: thread (c, lane) of the walk
 // takes its own channel c and the rows lane, lane + SPLIT, ... (a warp touches SPLIT rows, with
 // a row stride of a multiple of 128 bytes: bank conflicts, measured), so a __syncwarp orders
@@ -84,8 +85,6 @@ typedef long long i64;
 #endif
 static_assert(NS % 4 == 0 && R % 4 == 0 && NS % SPLIT == 0 && 32 % SPLIT == 0,
               "vim_scan: NS and R must be multiples of 4, SPLIT divide NS and 32");
-static_assert(CH % 8 == 0 && NT % 32 == 0,
-              "vim_scan: CH must be a multiple of 8 and CH * SPLIT of 32 (whole warps: mma)");
 
 // The PTX helpers; tests/cuda_emulation.h gives C++ versions of the same to run the kernels'
 // logic on the CPU (VIM_SCAN_EMULATE, in the tests only).
@@ -120,20 +119,6 @@ __device__ __forceinline__ float lg2(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-}
-
-// D += A B for one m16n8k16 tile: A 16 x 16 (row-major), B 16 x 8 (column-major) of 16-bit
-// values, D 16 x 8 in fp32; the fragments of each lane as the PTX ISA lays them out (dt_tile).
-__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
-                                          const unsigned (&b)[2]) {
-#if FP16
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-#else
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-#endif
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 // one MUFU op for the gate's sigmoid where ex2 + rcp took two (max relative error 2^-10.99;
@@ -216,14 +201,7 @@ struct Tiles {
   u16 x[STAGES][TT][XWP];
   float xf[TT + 2][XF];     // the tile's [dt | B | C] in fp32, read by every lane
   float2 ld[TT + 2][CH];    // (log2(1 + e^x), dt u) per token and channel
-#if PREP_BY_ROW  // step 2 ends on a block barrier: dt is dead before the walk writes yp
-  union {
-#endif
-    float yp[TT][CH][SPLIT];  // the lanes' partial C . h
-    float dt[TT][DT_ROW];     // dt_proj's output (plus bias) per token and channel (dt_tile)
-#if PREP_BY_ROW
-  };
-#endif
+  float yp[TT][CH][SPLIT];  // the lanes' partial C . h
 };
 
 // Where a block's tiles live: static shared memory (at most 48 KB), or with DYN_SMEM dynamic
@@ -249,6 +227,13 @@ struct Walk {
   int e0, E;
 };
 
+// Where Tiles::u, z and x start: its first three members, whole numbers of 16 bytes, no padding
+// (NVRTC takes no offsetof).
+#define TILE_OFFSET_u 0u
+#define TILE_OFFSET_z (unsigned)(STAGES * TT * CH * 2)
+#define TILE_OFFSET_x (unsigned)(2 * STAGES * TT * CH * 2)
+#define TILE_OFFSET(member) TILE_OFFSET_##member
+
 // Copies tile k of the walk, [t0, t0 + TT), into stage `stage` (cp.async; tokens outside
 // [lo, hi) zero-filled). Each thread's pieces are fixed by its index with compile-time trip
 // counts, and a staged row is a whole number of pieces, so piece i lands at byte i * size of
@@ -256,15 +241,9 @@ struct Walk {
 // instructions per tile and thread, as many as 7 tokens of the walk). Offsets within a batch
 // row are unsigned 32-bit (launch_plan checks that they fit), and the destinations are offsets
 // from `sm`, the tiles' shared address taken once per walk (v16 converted a pointer per copy:
-// with the sign extensions ~100 instructions per whole tile for its 4 copies per thread).
-// WHOLE: every token of the tile is in [lo, hi) (all but a chunk's last tile), no token
-// checks.
-// Where Tiles::u, z and x start: its first three members, whole numbers of 16 bytes, no padding
-// (NVRTC takes no offsetof).
-#define TILE_OFFSET_u 0u
-#define TILE_OFFSET_z (unsigned)(STAGES * TT * CH * 2)
-#define TILE_OFFSET_x (unsigned)(2 * STAGES * TT * CH * 2)
-#define TILE_OFFSET(member) TILE_OFFSET_##member
+// with the sign extensions ~100 instructions per whole tile for its 4 copies per thread, ~60
+// now; 1.1% faster at 16 x 4097, results/h200_infer_scan_v17_ab.json). WHOLE: every token of
+// the tile is in [lo, hi) (all but a chunk's last tile), no token checks.
 template <bool FINAL, bool WHOLE>
 __device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, int k, int stage) {
   const unsigned t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
@@ -294,79 +273,6 @@ __device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, int k, int
   }
 }
 
-// Step 1b: dt_proj of the tile, x_dt (TT x R, 16-bit, as staged) times W_dt^T (R x CH) plus the
-// bias, into Tiles::dt as m16n8k16 mma.sync tiles, each warp taking tiles warp, warp + NWARP, ...
-// W_dt is split into 16-bit high and low halves (two mmas) so that dt keeps about fp32's
-// precision (x_dt is 16-bit already). Why: on the FMA pipe dt_proj took R FMAs and R / 4 shared
-// loads per (token, channel) in step 2, about 45% of its instructions (H200 SASS, v16); here it
-// is a few instructions per tile and warp. A fragment column k >= R reads as zero.
-constexpr int NWARP = NT / 32;
-constexpr int MMA_M = (TT + 15) / 16, MMA_N = CH / 8, MMA_K = (R + 15) / 16;
-constexpr int MMA_TILES = MMA_M * MMA_N, MMA_PER_WARP = (MMA_TILES + NWARP - 1) / NWARP;
-
-struct DtProj {  // this lane's fragments of W_dt^T and its bias for each of its warp's tiles
-  unsigned hi[MMA_PER_WARP][MMA_K][2], lo[MMA_PER_WARP][MMA_K][2];
-  float bias[MMA_PER_WARP][2];
-};
-
-__device__ __forceinline__ unsigned pack16(u16 lo, u16 hi) { return lo | ((unsigned)hi << 16); }
-
-// W (E x R, fp32) and bias of the block's direction; channels past E are zero.
-__device__ __forceinline__ void load_dt_proj(DtProj& p, const float* W, const float* bias,
-                                             int e0, int E) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
-#pragma unroll
-  for (int i = 0; i < MMA_PER_WARP; ++i) {
-    const int n = (warp + i * NWARP) % MMA_N;
-    const int cb = e0 + n * 8 + g;  // B's column: a channel
-#pragma unroll
-    for (int ks = 0; ks < MMA_K; ++ks)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int k = ks * 16 + h * 8 + 2 * tig;  // R % 4 == 0: k and k + 1 both in or out
-        const bool ok = cb < E && k < R;
-        const float w0 = ok ? W[cb * R + k] : 0.f, w1 = ok ? W[cb * R + k + 1] : 0.f;
-        const u16 h0 = from_f32(w0), h1 = from_f32(w1);
-        p.hi[i][ks][h] = pack16(h0, h1);
-        p.lo[i][ks][h] = pack16(from_f32(w0 - to_f32(h0)), from_f32(w1 - to_f32(h1)));
-      }
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int c = e0 + n * 8 + 2 * tig + j;
-      p.bias[i][j] = c < E ? bias[c] : 0.f;
-    }
-  }
-}
-
-__device__ __forceinline__ void dt_tile(Tiles& s, int stage, const DtProj& p) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
-#pragma unroll
-  for (int i = 0; i < MMA_PER_WARP; ++i) {
-    const int tile = warp + i * NWARP;
-    if (MMA_TILES % NWARP != 0 && tile >= MMA_TILES) break;  // warp-uniform
-    const int m = tile / MMA_N, n = tile % MMA_N;
-    const int r0 = m * 16 + g, r1 = r0 + 8;
-    const bool in0 = TT % 16 == 0 || r0 < TT, in1 = TT % 16 == 0 || r1 < TT;
-    const u16* x0 = &s.x[stage][in0 ? r0 : 0][0];
-    const u16* x1 = &s.x[stage][in1 ? r1 : 0][0];
-    float d[4] = {p.bias[i][0], p.bias[i][1], p.bias[i][0], p.bias[i][1]};
-#pragma unroll
-    for (int ks = 0; ks < MMA_K; ++ks) {
-      const int k = ks * 16 + 2 * tig;
-      unsigned a[4];
-      a[0] = k < R && in0 ? *reinterpret_cast<const unsigned*>(x0 + k) : 0u;
-      a[1] = k < R && in1 ? *reinterpret_cast<const unsigned*>(x1 + k) : 0u;
-      a[2] = k + 8 < R && in0 ? *reinterpret_cast<const unsigned*>(x0 + k + 8) : 0u;
-      a[3] = k + 8 < R && in1 ? *reinterpret_cast<const unsigned*>(x1 + k + 8) : 0u;
-      mma_16816(d, a, p.hi[i][ks]);
-      mma_16816(d, a, p.lo[i][ks]);
-    }
-    const int c = n * 8 + 2 * tig;
-    if (in0) *reinterpret_cast<float2*>(&s.dt[r0][c]) = make_float2(d[0], d[1]);
-    if (in1) *reinterpret_cast<float2*>(&s.dt[r1][c]) = make_float2(d[2], d[3]);
-  }
-}
-
 // Step 2: the part of a token that does not depend on the state, for channel c and the tokens
 // r0, r0 + SPLIT, ... of the tile (see PREP_BY_ROW for which thread takes which).
 // r0 < SPLIT, so every thread takes exactly TT / SPLIT rows (a fixed count: unrolled with no exit
@@ -376,7 +282,8 @@ __device__ __forceinline__ void dt_tile(Tiles& s, int stage, const DtProj& p) {
 // channel (the tenth session's kernel passed them through shared memory).
 constexpr int PREP_ROWS = TT / SPLIT;
 template <bool FINAL>
-__device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0, float D,
+__device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0,
+                                        const float (&W)[R], float bias, float D,
                                         float2 (&go)[PREP_ROWS]) {
   constexpr int K = PREP_ROWS;
   constexpr float LOG2E = 1.4426950408889634f;
@@ -384,7 +291,15 @@ __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0, floa
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int r = r0 + k * SPLIT;
-    x[k] = s.dt[r][c];
+    const float* xf = s.xf[r + 1];
+    float x0 = bias, x1 = 0.f, x2 = 0.f;  // three short FMA chains instead of one of length R
+#pragma unroll
+    for (int j = 0; j < R; j += 3) {
+      x0 = fmaf(W[j], xf[j], x0);
+      if (j + 1 < R) x1 = fmaf(W[j + 1], xf[j + 1], x1);
+      if (j + 2 < R) x2 = fmaf(W[j + 2], xf[j + 2], x2);
+    }
+    x[k] = x0 + (x1 + x2);
     u[k] = to_f32(s.u[stage][r][c]);
     if (FINAL) zz[k] = to_f32(s.z[stage][r][c]);
   }
@@ -519,8 +434,8 @@ __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t
 // Steps 1-4 of every tile by the same threads, four barriers per tile.
 template <bool FINAL>
 __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
-                                     const float (&A)[NPT], const DtProj& dtp, float D,
-                                     float& dt_sum) {
+                                     const float (&A)[NPT], const float (&W)[R], float bias,
+                                     float D, float& dt_sum) {
   const int n_tiles = (w.hi - w.lo + TT - 1) / TT;
   const int pc = PREP_C, pr0 = PREP_R0;  // steps 2 and 4: channel pc, tokens pr0 + k SPLIT
   const bool active = w.e0 + pc < w.E;
@@ -540,9 +455,8 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     else if (kn == n_tiles - 1) issue_tile<FINAL, false>(sm, w, kn, kn % STAGES);
     cp_async_commit();
     convert_tile(s, stage);  // the tile's x_dbl rows in fp32
-    dt_tile(s, stage, dtp);  // and its dt_proj
     __syncthreads();
-    prepare<FINAL>(s, stage, pc, pr0, D, go);
+    prepare<FINAL>(s, stage, pc, pr0, W, bias, D, go);
     PREP_SYNC();
     const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
     const int r0 = w.rev ? TT - 1 : 0, dr = w.rev ? -1 : 1;
@@ -570,13 +484,13 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
 }
 
 
-// A: this lane's states of the walk's channel e; D: channel e0 + PREP_C, which this thread
-// prepares (channels past E read channel 0 and store nothing); dtp: this lane's W_dt fragments
-// (dt_tile); h: the zero state.
+// A: this lane's states of the walk's channel e; W, bias, D: channel e0 + PREP_C, which this
+// thread prepares (channels past E read channel 0 and store nothing); h: the zero state.
 __device__ __forceinline__ void load_direction(
     int dir, int e, int lane, bool active, int e0, int E, const float* W_f, const float* bias_f,
     const float* A_f, const float* D_f, const float* W_b, const float* bias_b, const float* A_b,
-    const float* D_b, float (&A)[NPT], DtProj& dtp, float& D, float (&h)[NPT]) {
+    const float* D_b, float (&A)[NPT], float (&W)[R], float& bias, float& D, float (&h)[NPT]) {
+  const float* Wp = dir ? W_b : W_f;
   const float* Ap = dir ? A_b : A_f;
   const int ec = active ? e : 0;
 #if PREP_BY_ROW
@@ -586,7 +500,9 @@ __device__ __forceinline__ void load_direction(
 #endif
 #pragma unroll
   for (int j = 0; j < NPT; ++j) A[j] = Ap[ec * NS + lane * NPT + j];
-  load_dt_proj(dtp, dir ? W_b : W_f, dir ? bias_b : bias_f, e0, E);
+#pragma unroll
+  for (int j = 0; j < R; ++j) W[j] = Wp[ep * R + j];
+  bias = (dir ? bias_b : bias_f)[ep];
   D = (dir ? D_b : D_f)[ep];
 #pragma unroll
   for (int j = 0; j < NPT; ++j) h[j] = 0.f;
@@ -629,13 +545,12 @@ vim_scan_summary(SCAN_ARGS) {
   const int b = blockIdx.y, e0 = blockIdx.x * CH;
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
-  float A[NPT], D, h[NPT], dt_sum = 0.f;
-  DtProj dtp;
+  float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
-                 A, dtp, D, h);
+                 A, W, bias, D, h);
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
                            sz_l, out, so_b, so_l, L, E, chunk_l);
-  walk<false>(s, w, c, lane, h, A, dtp, D, dt_sum);
+  walk<false>(s, w, c, lane, h, A, W, bias, D, dt_sum);
   if (!active) return;
   const i64 row = ((i64)dir * batch + b) * n_chunks + chunk;  // (2, batch, n_chunks, [NS,] E)
 #pragma unroll
@@ -653,10 +568,9 @@ vim_scan_final(SCAN_ARGS) {
   const int b = blockIdx.y, e0 = blockIdx.x * CH;
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
-  float A[NPT], D, h[NPT], dt_sum = 0.f;
-  DtProj dtp;
+  float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
-                 A, dtp, D, h);
+                 A, W, bias, D, h);
   const int n_before = dir ? n_chunks - 1 - chunk : chunk;
   for (int i = 0; i < n_before; ++i) {  // chunks before this one, in walk order
     const int p = dir ? n_chunks - 1 - i : i;
@@ -669,5 +583,5 @@ vim_scan_final(SCAN_ARGS) {
   }
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
                            sz_l, out, so_b, so_l, L, E, chunk_l);
-  walk<true>(s, w, c, lane, h, A, dtp, D, dt_sum);
+  walk<true>(s, w, c, lane, h, A, W, bias, D, dt_sum);
 }
