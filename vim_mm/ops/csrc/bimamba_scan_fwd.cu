@@ -55,6 +55,8 @@
 // cores instead of step 2's R FMAs per (token, channel) (commit dd5ff50): 7% fewer instructions
 // but 8% slower, 0.4627 against 0.4275 ms at 16 x 4097 (fifteenth session,
 // results/h200_infer_scan_v17_ab.json; ncu: the SM sub-partitions idle more, not a busier pipe).
+// Three barriers per tile instead of four, the next tile converted with this tile's output step
+// (commit a3c4778): 0.6% slower at 16 x 4097 (results/h200_infer_scan_v18_ab.json).
 
 typedef unsigned short u16;
 typedef long long i64;
@@ -431,10 +433,7 @@ __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t
   }
 }
 
-// Steps 1-4 of every tile by the same threads, three barriers per tile: step 1 of tile k + 1
-// (its copies waited for at the end of tile k's walk) runs with step 4 of tile k, between the
-// walk's barrier and the next tile's (v17 converted each tile after its own first barrier and
-// waited at a fourth before step 2).
+// Steps 1-4 of every tile by the same threads, four barriers per tile.
 template <bool FINAL>
 __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
                                      const float (&A)[NPT], const float (&W)[R], float bias,
@@ -449,16 +448,16 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     if (k < n_tiles) issue_tile<FINAL, false>(sm, w, k, k);
     cp_async_commit();
   }
-  cp_async_wait<STAGES - 2>();
-  __syncthreads();  // tile 0 is in
-  convert_tile(s, 0);
   for (int k = 0; k < n_tiles; ++k) {
     const int stage = k % STAGES;
-    __syncthreads();  // tile k is converted; every thread is done with tile k - 1
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile k is in; every thread is done with tile k - 1
     const int kn = k + STAGES - 1;  // the tile issued now; all but the chunk's last are whole
     if (kn < n_tiles - 1) issue_tile<FINAL, true>(sm, w, kn, kn % STAGES);
     else if (kn == n_tiles - 1) issue_tile<FINAL, false>(sm, w, kn, kn % STAGES);
     cp_async_commit();
+    convert_tile(s, stage);  // the tile's x_dbl rows in fp32
+    __syncthreads();
     prepare<FINAL>(s, stage, pc, pr0, W, bias, D, go);
     PREP_SYNC();
     const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
@@ -478,10 +477,10 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
         }
       }
     }
-    cp_async_wait<STAGES - 2>();  // this thread's copies of tile k + 1
-    __syncthreads();  // every walk is done with xf (and yp is complete); tile k + 1 is in
-    if (FINAL) output_tile(s, w, t0, whole, pc, pr0, go, active);  // step 4
-    if (k + 1 < n_tiles) convert_tile(s, (k + 1) % STAGES);  // step 1 of the next tile
+    if (FINAL) {  // step 4
+      PREP_SYNC();
+      output_tile(s, w, t0, whole, pc, pr0, go, active);
+    }
   }
   cp_async_wait<0>();
 }
