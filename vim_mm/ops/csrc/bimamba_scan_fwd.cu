@@ -131,15 +131,13 @@ __device__ __forceinline__ float tanh_approx(float x) {
   return y;
 }
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
+// A shared-memory address as cp.async takes it (the emulation's is a plain pointer).
+typedef unsigned SmemPtr;
+__device__ __forceinline__ SmemPtr smem_ptr(const void* p) {
   unsigned a;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
   return a;
 }
-
-// A shared-memory address as cp.async takes it (the emulation's is a plain pointer).
-typedef unsigned SmemPtr;
-__device__ __forceinline__ SmemPtr smem_ptr(const void* p) { return smem_addr(p); }
 
 template <int BYTES>
 __device__ __forceinline__ void cp_async(SmemPtr dst, const void* src, bool valid) {
