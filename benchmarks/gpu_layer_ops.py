@@ -14,15 +14,13 @@ reference:
 
     python benchmarks/gpu_layer_ops.py --out results/h200_layer_ops_v2.json
     python benchmarks/gpu_layer_ops.py --ops conv x_proj --shapes 1
+    python benchmarks/gpu_layer_ops.py --ops conv_xproj --tiles 64x64 32x64  # the fused kernel
 
 Fourteenth session (benchmarks/README.md): results/h200_layer_ops_v1.json (conv, x_proj and
 the ``out_norm`` candidate below), ``_norm_v1``, ``_xproj_v1``. Two candidates were timed and
 removed (commit 62910fb has them and this script's ops for them): out_proj + the next block's
 add + RMSNorm as one Triton GEMM (``out_norm``: 102 us at best at 16 x 4097 against 87 for
 cuBLAS + mamba-ssm's norm) and both x_proj as one skinny Triton GEMM (38.4 us, bmm 38.5).
-Fifteenth session: both convs and both x_proj as one CUDA C++ kernel (``--ops conv_xproj`` at
-commit e68ac4a, results/h200_layer_ops_conv_xproj_v1.json): 2.1x slower than the conv + bmm
-pair, removed.
 """
 from __future__ import annotations
 
@@ -88,6 +86,46 @@ NORM_SETTINGS = [dict(block_m=m, num_warps=w) for m in (4, 8, 16, 32, 64) for w 
                  if m >= w]
 
 
+def use_tile(tile: str):
+    """Sets the fused conv + x_proj kernel's tokens per block, channels per chunk and, optionally,
+    the blocks per SM its registers are bounded for ('TLxCC[xMIN_BLOCKS]'; NTH = 4 TL threads:
+    a warp per 16-token slice and direction) and drops compiled kernels."""
+    from vim_mm.ops import cuda_conv_xproj as cx
+    cx.TL, cx.CC, *blocks = (int(v) for v in tile.split('x'))
+    cx.MIN_BLOCKS = blocks[0] if blocks else 2
+    cx.NTH = 4 * cx.TL
+    cx._kernels.clear()
+
+
+def time_conv_xproj(rows, name, batch, L, E, tiles=('64x64',)):
+    """The fused conv + x_proj kernel (``cuda_conv_xproj``), per tile shape, against the pair it
+    replaces: the stream conv, then one bmm (what the mixer runs), all checked against the fp32
+    twin."""
+    from vim_mm.ops.cuda_conv_xproj import conv_xproj, conv_xproj_reference
+    x = torch.randn(batch, L, 2 * E, device='cuda', dtype=torch.bfloat16)[..., :E]
+    w_f, w_b = (torch.randn(E, 1, 4, device='cuda') * 0.5 for _ in range(2))
+    b_f, b_b = (torch.randn(E, device='cuda') for _ in range(2))
+    w2 = torch.randn(2, ROWS_PADDED, E, device='cuda', dtype=torch.bfloat16) * E ** -0.5
+    want_u, want_xd = conv_xproj_reference(x, w_f, b_f, w_b, b_b, w2)
+
+    def pair():
+        us = bidirectional_conv(x, w_f, b_f, w_b, b_b)
+        return us, torch.bmm(us.flatten(1, 2), w2.transpose(1, 2)).unflatten(1, (batch, L))
+
+    candidates = {'conv + bmm': pair}
+    candidates.update({f'fused {tile}': lambda tile=tile: conv_xproj(x, w_f, b_f, w_b, b_b, w2)
+                       for tile in tiles})
+    for label, fn in candidates.items():
+        if label.startswith('fused'):
+            use_tile(label.split()[1])
+        u, xd = fn()
+        ms = bench(fn)
+        rows.append(dict(op='conv_xproj', shape=name, how=label, ms=ms,
+                         rel_err_u=rel_err(u, want_u), rel_err_xd=rel_err(xd, want_xd),
+                         GBps=batch * L * (3 * E + 2 * ROWS_PADDED) * 2 / ms / 1e6))
+        print(json.dumps(rows[-1]), flush=True)
+
+
 def time_norm(rows, name, batch, L, D):
     """The residual add + RMSNorm alone: mamba-ssm's kernel (a row per program) against
     ``triton_add_norm.add_rms_norm_rows`` (block_m rows per program)."""
@@ -114,6 +152,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--ops', nargs='+', default=['conv', 'x_proj', 'norm'])
     parser.add_argument('--shapes', type=int, default=len(SHAPES), help='the first N shapes')
+    parser.add_argument('--tiles', nargs='+', default=['64x64'],
+                        help="conv_xproj's tile shapes, TLxCC[xMIN_BLOCKS] (tokens x channels)")
     parser.add_argument('--out')
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -125,6 +165,8 @@ def main():
             time_x_proj(rows, name, batch, L, 2 * D)
         if 'norm' in args.ops:
             time_norm(rows, name, batch, L, D)
+        if 'conv_xproj' in args.ops:
+            time_conv_xproj(rows, name, batch, L, 2 * D, args.tiles)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
                                                   torch=torch.__version__,

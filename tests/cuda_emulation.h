@@ -30,6 +30,7 @@ inline void __syncwarp() { warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 struct uint2 { unsigned x, y; };
+struct uint4 { unsigned x, y, z, w; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 template <class To, class From> inline To bits(From v) { To t; std::memcpy(&t, &v, sizeof t); return t; }
@@ -84,4 +85,31 @@ void emulate(Kernel kernel, unsigned gx, unsigned gy, unsigned gz, unsigned thre
           pool.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {x, y, z}; kernel(args...); });
         for (auto& th : pool) th.join();
       }
+}
+
+// mma.sync.m16n8k16 for one warp (the fused conv + x_proj kernel): every lane posts its
+// fragments, then reads the others' (the PTX ISA's layouts: A row-major 16 x 16, B
+// column-major 16 x 8, D 16 x 8 in fp32).
+inline float half_of(unsigned v, int hi) { return to_f32((u16)(hi ? v >> 16 : v & 0xffffu)); }
+inline void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  struct Fragments { unsigned a[4], b[2]; };
+  static Fragments posted[32][32];  // [warp][lane]; one block runs at a time
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  posted[warp][lane] = {{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+  __syncwarp();
+  const Fragments* f = posted[warp];
+  auto A = [&](int row, int k) {  // lane (row % 8) * 4 + (k % 8) / 2, register by row and k
+    return half_of(f[(row % 8) * 4 + (k % 8) / 2].a[(row >= 8) + 2 * (k >= 8)], k % 2);
+  };
+  auto B = [&](int k, int col) { return half_of(f[col * 4 + (k % 8) / 2].b[k >= 8], k % 2); };
+  const int g = lane / 4, tig = lane % 4;
+  float out[4];
+  for (int j = 0; j < 4; ++j) {
+    const int row = g + 8 * (j >= 2), col = 2 * tig + j % 2;
+    float acc = d[j];
+    for (int k = 0; k < 16; ++k) acc = std::fmaf(A(row, k), B(k, col), acc);
+    out[j] = acc;
+  }
+  __syncwarp();  // every lane has read the posted fragments before any posts new ones
+  for (int j = 0; j < 4; ++j) d[j] = out[j];
 }

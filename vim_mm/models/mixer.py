@@ -112,20 +112,29 @@ class BiMambaMixer(nn.Module):
         conv_params = (self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight,
                        self.conv1d_b.bias)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *conv_params))
-        conv = bidirectional_conv_torch if needs_grad else bidirectional_conv
-        us = conv(x, *conv_params)
         inference = not grads or not any(  # nothing the scan reads needs a grad
             t.requires_grad for t in (x, *(p for name, p in self.named_parameters()
                                            if not name.startswith(('in_proj.', 'out_proj.')))))
-        if inference and self._use_cuda_scan(us[0], z):
+        fused = w = None
+        if inference and not needs_grad:
+            fused, w = self._fused_conv_xproj(x, z, conv_params, cached, dtype)
+        if fused is not None:
+            us, x2 = fused
+        else:
+            conv = bidirectional_conv_torch if needs_grad else bidirectional_conv
+            us = conv(x, *conv_params)
+        if inference and (fused is not None or self._use_cuda_scan(us[0], z)):
             from ..ops.cuda_scan import bidirectional_scan_infer
-            w = self._derive_weights(dtype) if cached is None else cached  # grads: out_proj's
+            if w is None:
+                w = self._derive_weights(dtype) if cached is None else cached  # grads: out_proj's
             width = R + 2 * N  # x_proj's rows padded to 16 bytes: cuBLAS's fast GEMMs need it
-            # both directions' x_proj as one batched GEMM over the Triton conv's stacked
-            # (2, B, L, E) output (no gradient here, so the conv was the Triton one); H200,
-            # 16 x 4097 tokens: 38.5-39.6 us against 43.3 for two F.linear
-            x2 = torch.bmm(us.flatten(1, 2), w.x_proj.transpose(1, 2))
-            x_dbls = [x.unflatten(0, us.shape[1:3])[..., :width] for x in x2]  # [dt | B | C]
+            if fused is None:
+                # both directions' x_proj as one batched GEMM over the Triton conv's stacked
+                # (2, B, L, E) output (no gradient here, so the conv was the Triton one); H200,
+                # 16 x 4097 tokens: 38.5-39.6 us against 43.3 for two F.linear
+                x2 = torch.bmm(us.flatten(1, 2), w.x_proj.transpose(1, 2)).unflatten(
+                    1, us.shape[1:3])
+            x_dbls = [x[..., :width] for x in x2]  # [dt | B | C]
             y = bidirectional_scan_infer(us[0], x_dbls[0], us[1], x_dbls[1], z, w.fwd, w.bwd)
             # y = [y_fwd, y_bwd] (gated, halved): out_proj over [W, W] adds the directions
             return F.linear(y, w.out_proj, self.out_proj.bias)
@@ -216,6 +225,19 @@ class BiMambaMixer(nn.Module):
         for device, dtype in list(cache.entries):
             self._inference_weights(device, dtype, force)
         return cache.generation != generation
+
+    def _fused_conv_xproj(self, x, z, conv_params, cached, dtype):
+        """((u, x_dbl), the inference weights) from the fused conv + x_proj kernel
+        (``vim_mm/ops/cuda_conv_xproj.py``) where $VIM_MM_CONV_XPROJ is 'fused' and it and the
+        CUDA C++ scan apply (x has u's shape and dtype); else (None, None): the Triton conv,
+        then one batched GEMM."""
+        from ..ops.cuda_conv_xproj import conv_xproj, conv_xproj_applies, conv_xproj_choice
+        if conv_xproj_choice() != 'fused' or not self._use_cuda_scan(x, z):
+            return None, None
+        w = self._derive_weights(dtype) if cached is None else cached
+        if conv_xproj_applies(x, self.conv1d.weight, w.x_proj):
+            return None, w
+        return conv_xproj(x, *conv_params, w.x_proj), w
 
     def _use_cuda_scan(self, u, z) -> bool:
         """Whether inference takes the CUDA C++ scan (faster than the Triton scan on every

@@ -1,0 +1,267 @@
+// Both directions' conv1d + SiLU and x_proj of the Vim mixer in one CUDA C++ kernel (inference;
+// compiled at run time by NVRTC, vim_mm/ops/cuda_conv_xproj.py).
+//
+// For a (batch, L, E) token-major x (in_proj's x half), per token t and channel c:
+//   u_f[t, c] = silu(b_f[c] + sum_k w_f[c, k] x[t - 3 + k, c])    (causal, W = 4)
+//   u_b[t, c] = silu(b_b[c] + sum_k w_b[c, k] x[t + 3 - k, c])    (anti-causal: the reversed
+//                                                                   sequence's causal conv)
+//   xd[dir, t, :] = u_dir[t, :] . Wx[dir]^T                       (x_proj, P rows)
+// Outputs: u (2, batch, L, E) and xd (2, batch, L, P), 16-bit, what the Triton conv and one
+// batched GEMM give (the scan reads both).
+//
+// Why one kernel: the conv reads x (E per token) and writes u (2E), then x_proj reads u again;
+// here a block keeps its tokens' u in shared memory, channel chunk by channel chunk, and feeds
+// them to mma.sync tiles, so u is written once and never read back.
+//
+// A block takes TL tokens of one sequence and walks the channels in chunks of CC. Each chunk's
+// inputs (x rows t0 - 3 .. t0 + TL + 2 of its channels, zero outside [0, L); both directions'
+// x_proj columns; the conv taps and biases) are staged by cp.async into one of two buffers,
+// the next chunk's while this one is computed. Per chunk:
+//   1. each thread convolves a channel pair over TPG consecutive tokens (a sliding window of
+//      shared-memory rows) into a shared (2, TL, CC) u tile;
+//   2. after a barrier the tile goes to global memory in 16-byte pieces, and each warp
+//      multiplies one 16-token slice of one direction's tile with that direction's staged
+//      x_proj columns (m16n8k16, fp32 accumulators kept over chunks).
+// At the end the accumulators pass through the u tile to leave as 16-byte pieces of xd.
+// History (benchmarks/README.md): e68ac4a stored u and read x_proj by 4-byte global accesses
+// (ncu: L1 79.8% busy, warps stalled on LSU queues; 2.1x slower than the Triton conv + cuBLAS
+// pair); 02990e0 staged all of a block's x rows up front and computed without loads in flight
+// (1.16-1.45x slower than the pair, whatever the tile shape).
+//
+// Compile-time constants (prepended by the wrapper): E (channels, a multiple of CC), P (x_proj
+// rows, padded to a multiple of 8), FP16 (16-bit format), TL, CC, NTH (threads per block).
+
+typedef unsigned short u16;
+typedef long long i64;
+
+#ifndef VIM_SCAN_EMULATE
+__device__ __forceinline__ float to_f32(u16 v) {
+#if FP16
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+  return f;
+#else
+  return __uint_as_float(((unsigned)v) << 16);
+#endif
+}
+
+__device__ __forceinline__ u16 from_f32(float f) {
+  u16 v;
+#if FP16
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+#else
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+#endif
+  return v;
+}
+
+__device__ __forceinline__ float tanh_approx(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+typedef unsigned SmemPtr;
+__device__ __forceinline__ SmemPtr smem_ptr(const void* p) {
+  unsigned a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+template <int BYTES>
+__device__ __forceinline__ void cp_async(SmemPtr dst, const void* src, bool valid) {
+  const int n = valid ? BYTES : 0;  // zero-fills when !valid (src is then never read)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
+                                          const unsigned (&b)[2]) {
+#if FP16
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#endif
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif  // VIM_SCAN_EMULATE
+
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  return from_f32(lo) | ((unsigned)from_f32(hi) << 16);
+}
+
+// x sigmoid(x) as x (1 + tanh(x / 2)) / 2: one MUFU op (the Triton conv's 'tanh' mode)
+__device__ __forceinline__ float silu(float x) {
+  const float h = 0.5f * x;
+  return fmaf(h, tanh_approx(h), h);
+}
+
+constexpr int HALO = 3;
+constexpr int XR = TL + 2 * HALO;  // x rows staged
+constexpr int UP = CC + 8;         // a u tile row (16-bit): 16 bytes of pad, conflict-free A loads
+constexpr int NWARP = NTH / 32;
+constexpr int MT = TL / 16;        // 16-token slices per direction: one per warp
+constexpr int NT8 = P / 8;         // x_proj's 8-row tiles
+constexpr int PAIRS = CC / 2;      // channel pairs of a chunk
+constexpr int TPG = TL / (NTH / PAIRS);  // consecutive tokens a thread convolves per chunk
+constexpr int PIECES = CC / 8;     // 16-byte pieces of a chunk's row of 16-bit values
+static_assert(E % CC == 0 && CC % 16 == 0 && P % 8 == 0 && TL % 16 == 0 && P <= UP,
+              "vim_conv_xproj: E a multiple of CC, CC of 16, P of 8 and <= CC + 8, TL of 16");
+static_assert(NWARP == 2 * MT && NTH % PAIRS == 0 && TL % (NTH / PAIRS) == 0,
+              "vim_conv_xproj: one warp per 16-token slice and direction; whole token groups");
+
+struct Stage {           // one chunk's inputs (channels c0 .. c0 + CC - 1)
+  u16 x[XR][CC];         // x[t0 - 3 + r]
+  u16 w[2][P][UP];       // x_proj columns, per direction (B fragments)
+  float taps[2][CC][4];  // conv taps, per direction
+  float bias[2][CC];
+};
+
+struct Smem {
+  Stage stage[2];      // this chunk's and the next one's
+  u16 u[2][TL][UP];    // this chunk's u, per direction; at the end xd's rows
+};
+
+__device__ __forceinline__ void load_stage(Stage& st, int c0, const u16* xb, int sx_l,
+                                           const u16* wx, const float* w_f, const float* b_f,
+                                           const float* w_b, const float* b_b, int t0, int L) {
+  for (int i = threadIdx.x; i < XR * PIECES; i += NTH) {
+    const int r = i / PIECES, col = (i - r * PIECES) * 8, t = t0 - HALO + r;
+    const bool ok = t >= 0 && t < L;
+    cp_async<16>(smem_ptr(&st.x[r][col]), xb + (ok ? (i64)t * sx_l + c0 + col : 0), ok);
+  }
+  for (int i = threadIdx.x; i < 2 * P * PIECES; i += NTH) {
+    const int row = i / PIECES, col = (i - row * PIECES) * 8;  // row: direction * P + x_proj row
+    cp_async<16>(smem_ptr(&st.w[row / P][row % P][col]), wx + (i64)row * E + c0 + col, true);
+  }
+  for (int i = threadIdx.x; i < 2 * CC; i += NTH) {  // a channel's 4 taps: 16 bytes
+    const int dir = i / CC, c = i - dir * CC;
+    cp_async<16>(smem_ptr(&st.taps[dir][c][0]), (dir ? w_b : w_f) + (c0 + c) * 4, true);
+  }
+  for (int i = threadIdx.x; i < 2 * CC / 4; i += NTH) {
+    const int dir = i / (CC / 4), c = (i - dir * (CC / 4)) * 4;
+    cp_async<16>(smem_ptr(&st.bias[dir][c]), (dir ? b_b : b_f) + c0 + c, true);
+  }
+  cp_async_commit();
+}
+
+extern "C" __global__ void __launch_bounds__(NTH, MIN_BLOCKS)
+vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* w_f, const float* b_f,
+               const float* w_b, const float* b_b, const u16* wx, u16* u, u16* xd,
+               int batch, int L) {
+#ifdef VIM_SCAN_EMULATE
+  static Smem s;
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem& s = *reinterpret_cast<Smem*>(smem_raw);
+#endif
+  const int bat = blockIdx.y, t0 = blockIdx.x * TL;
+  const u16* xb = x + (i64)bat * sx_b;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tig = lane % 4;
+  const int cp = threadIdx.x % PAIRS, r0 = (threadIdx.x / PAIRS) * TPG;  // conv: pair, tokens
+  const int mdir = warp / MT, m0 = (warp % MT) * 16;                   // mma: direction, slice
+  u16* const u0 = u + ((i64)bat * L + t0) * E;  // direction 0's rows; direction 1's follow
+  const i64 u_dir = (i64)batch * L * E;        // after batch * L rows
+  float acc[NT8][4];
+#pragma unroll
+  for (int n = 0; n < NT8; ++n)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[n][j] = 0.f;
+
+  load_stage(s.stage[0], 0, xb, sx_l, wx, w_f, b_f, w_b, b_b, t0, L);
+  for (int k = 0; k < E / CC; ++k) {
+    const int c0 = k * CC;
+    const Stage& st = s.stage[k & 1];
+    cp_async_wait<0>();
+    __syncthreads();  // chunk k staged; every thread is past chunk k - 1's mma (s.u, the buffer)
+    if (c0 + CC < E)  // in flight during this chunk's work
+      load_stage(s.stage[(k + 1) & 1], c0 + CC, xb, sx_l, wx, w_f, b_f, w_b, b_b, t0, L);
+    // 1. the convs of channels 2 cp, 2 cp + 1 over tokens r0 .. r0 + TPG - 1 of the tile
+    float xw[2][TPG + 2 * HALO];  // staged rows r0 .. r0 + TPG + 5: tokens r0 - 3 ..
+#pragma unroll
+    for (int i = 0; i < TPG + 2 * HALO; ++i) {
+      const unsigned v = *reinterpret_cast<const unsigned*>(&st.x[r0 + i][2 * cp]);
+      xw[0][i] = to_f32((u16)(v & 0xffffu));
+      xw[1][i] = to_f32((u16)(v >> 16));
+    }
+    float wf[2][4], wb[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        wf[j][q] = st.taps[0][2 * cp + j][q];
+        wb[j][q] = st.taps[1][2 * cp + j][q];
+      }
+#pragma unroll
+    for (int i = 0; i < TPG; ++i) {
+      float yf[2], yb[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float af = st.bias[0][2 * cp + j], ab = st.bias[1][2 * cp + j];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          af = fmaf(wf[j][q], xw[j][i + q], af);              // x[t - 3 + q]
+          ab = fmaf(wb[j][q], xw[j][i + 2 * HALO - q], ab);   // x[t + 3 - q]
+        }
+        yf[j] = silu(af);
+        yb[j] = silu(ab);
+      }
+      const int tt = r0 + i;
+      *reinterpret_cast<unsigned*>(&s.u[0][tt][2 * cp]) = pack2(yf[0], yf[1]);
+      *reinterpret_cast<unsigned*>(&s.u[1][tt][2 * cp]) = pack2(yb[0], yb[1]);
+    }
+    __syncthreads();
+    // 2a. the u tile to global memory, 16-byte pieces (rows past L stay unwritten)
+    for (int i = threadIdx.x; i < 2 * TL * PIECES; i += NTH) {
+      const int row = i / PIECES, col = (i - row * PIECES) * 8, dir = row / TL, tt = row % TL;
+      if (t0 + tt < L)
+        *reinterpret_cast<uint4*>(u0 + dir * u_dir + (i64)tt * E + c0 + col) =
+            *reinterpret_cast<const uint4*>(&s.u[dir][tt][col]);
+    }
+    // 2b. xd[mdir, m0 .. m0 + 15, :] += u[mdir, m0 .., chunk] . Wx[mdir, :, chunk]^T
+#pragma unroll
+    for (int ks = 0; ks < CC / 16; ++ks) {
+      const int kk = ks * 16 + 2 * tig;
+      unsigned a[4];
+      a[0] = *reinterpret_cast<const unsigned*>(&s.u[mdir][m0 + g][kk]);
+      a[1] = *reinterpret_cast<const unsigned*>(&s.u[mdir][m0 + g + 8][kk]);
+      a[2] = *reinterpret_cast<const unsigned*>(&s.u[mdir][m0 + g][kk + 8]);
+      a[3] = *reinterpret_cast<const unsigned*>(&s.u[mdir][m0 + g + 8][kk + 8]);
+#pragma unroll
+      for (int n = 0; n < NT8; ++n) {
+        const u16* wr = &st.w[mdir][n * 8 + g][kk];  // B: x_proj row n * 8 + g
+        const unsigned b[2] = {*reinterpret_cast<const unsigned*>(wr),
+                               *reinterpret_cast<const unsigned*>(wr + 8)};
+        mma_16816(acc[n], a, b);
+      }
+    }
+  }
+  // 3. xd through the u tile: rows m0 + g and m0 + g + 8, columns n * 8 + 2 tig, + 1
+  __syncthreads();  // every warp is past the last chunk's mma
+#pragma unroll
+  for (int n = 0; n < NT8; ++n)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      *reinterpret_cast<unsigned*>(&s.u[mdir][m0 + g + 8 * h][n * 8 + 2 * tig]) =
+          pack2(acc[n][2 * h], acc[n][2 * h + 1]);
+  __syncthreads();
+  constexpr int XD_PIECES = P / 8;
+  for (int i = threadIdx.x; i < 2 * TL * XD_PIECES; i += NTH) {
+    const int row = i / XD_PIECES, col = (i - row * XD_PIECES) * 8, dir = row / TL,
+              tt = row % TL;
+    if (t0 + tt < L)
+      *reinterpret_cast<uint4*>(xd + ((i64)(dir * batch + bat) * L + t0 + tt) * P + col) =
+          *reinterpret_cast<const uint4*>(&s.u[dir][tt][col]);
+  }
+}

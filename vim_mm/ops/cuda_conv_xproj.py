@@ -1,0 +1,132 @@
+"""Both directions' conv1d + SiLU and x_proj of the Vim mixer in one CUDA C++ kernel (inference).
+
+``csrc/conv_xproj_fwd.cu``: a block stages TL tokens of x (plus a 3-token halo each side) in
+shared memory, convolves them channel chunk by channel chunk, stores u once, and multiplies each
+chunk's u with x_proj's rows on the tensor cores (mma.sync) from shared memory. The pair it
+replaces (the Triton stream conv, then one batched GEMM) writes u and reads it back.
+
+Forward only, 16-bit activations, conv width <= 4, E a multiple of 64: what the mixer has under
+``torch.no_grad()`` with autocast. Compiled by NVRTC at first use like the scan
+(``cuda_scan.py``); its logic is checked on the CPU by compiling the same source as C++ with a
+thread per CUDA thread (tests/cuda_emulation.h, tests/test_cuda_conv_xproj_emulated.py).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import os
+
+__all__ = ['conv_xproj_applies', 'conv_xproj', 'conv_xproj_reference', 'conv_xproj_choice',
+           'source_defines', 'launch', 'TL', 'CC', 'NTH', 'MIN_BLOCKS']
+ENV_VAR = 'VIM_MM_CONV_XPROJ'
+
+
+def conv_xproj_choice() -> str:
+    """$VIM_MM_CONV_XPROJ: 'pair' (default: the Triton conv, then one batched GEMM) or
+    'fused' (this kernel wherever it applies)."""
+    choice = os.environ.get(ENV_VAR, 'pair').lower()
+    if choice not in ('pair', 'fused'):
+        raise ValueError(f"{ENV_VAR}={choice!r}; choose 'pair' or 'fused'.")
+    return choice
+
+
+SOURCE = Path(__file__).with_name('csrc') / 'conv_xproj_fwd.cu'
+TL, CC, NTH = 64, 64, 256  # tokens per block, channels per chunk, threads per block
+MIN_BLOCKS = 2  # blocks per SM that __launch_bounds__ asks registers for
+WIDTH = 4
+
+
+def conv_xproj_applies(x: torch.Tensor, conv_w: torch.Tensor, x_proj: torch.Tensor) -> str | None:
+    """None when the kernel can run on x (batch, L, E) with conv weights (E, [1,] W) and the
+    stacked x_proj rows (2, P, E); else why not."""
+    if not x.is_cuda:
+        return 'needs CUDA tensors'
+    if not hasattr(torch.cuda, '_compile_kernel'):
+        return f'needs torch.cuda._compile_kernel (NVRTC), which torch {torch.__version__} lacks'
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return 'needs a GPU of compute capability 8.0 or newer (cp.async, bf16 mma)'
+    if x.dtype not in (torch.bfloat16, torch.float16) or x_proj.dtype != x.dtype:
+        return f'needs bf16/fp16 activations and x_proj rows of their dtype (got {x.dtype})'
+    E = x.shape[-1]
+    if E % CC or x_proj.shape[-1] != E or x_proj.shape[1] % 8 or x_proj.shape[0] != 2:
+        return f'needs E a multiple of {CC} and (2, P, E) x_proj rows with P a multiple of 8'
+    if conv_w.shape[-1] > WIDTH:
+        return f'needs conv widths <= {WIDTH}'
+    if not (x.stride(-1) == 1 and x.stride(1) % 8 == 0 and x.stride(0) % 8 == 0
+            and x.data_ptr() % 16 == 0):
+        return 'needs token-major x with 16-byte aligned rows'
+    if x.shape[1] * x.stride(1) >= 2 ** 31:
+        return 'needs a batch row below 2^31 elements'
+    return None
+
+
+def source_defines(E: int, P: int, dtype: torch.dtype) -> str:
+    consts = dict(E=E, P=P, FP16=int(dtype == torch.float16), TL=TL, CC=CC, NTH=NTH,
+                  MIN_BLOCKS=MIN_BLOCKS)
+    return ''.join(f'#define {k} {v}\n' for k, v in consts.items())
+
+
+def smem_bytes(E: int, P: int) -> int:
+    """The kernel's Smem: two stages (a chunk's TL + 6 x rows of CC channels and (2, P, CC + 8)
+    x_proj columns, 16-bit; its (2, CC) conv taps (4 each) and biases, fp32) and the (2, TL,
+    CC + 8) u tile, 16-bit."""
+    stage = (TL + 6) * CC * 2 + 2 * P * (CC + 8) * 2 + 2 * CC * 5 * 4
+    return 2 * stage + 2 * TL * (CC + 8) * 2
+
+
+def _weights(w, b):
+    """(E, 4) taps (leading zero taps for narrower convs) and the bias, fp32 contiguous."""
+    w = w.reshape(w.shape[0], -1).float()
+    b = b.float().contiguous()
+    if b.data_ptr() % 16:  # the kernel copies 16-byte pieces
+        b = b.clone()
+    return F.pad(w, (WIDTH - w.shape[-1], 0)).contiguous(), b
+
+
+def launch(x, w_f, b_f, w_b, b_b, x_proj):
+    """(u (2, batch, L, E), xd (2, batch, L, P), kernel arguments, grid, block) for these inputs."""
+    batch, L, E = x.shape
+    P = x_proj.shape[1]
+    (wf, bf), (wb, bb) = _weights(w_f, b_f), _weights(w_b, b_b)
+    u = torch.empty(2, batch, L, E, dtype=x.dtype, device=x.device)
+    xd = torch.empty(2, batch, L, P, dtype=x.dtype, device=x.device)
+    args = [x, x.stride(0), x.stride(1), wf, bf, wb, bb, x_proj.contiguous(), u, xd, batch, L]
+    return u, xd, args, (math.ceil(L / TL), batch, 1), (NTH, 1, 1)
+
+
+_kernels: dict = {}
+
+
+def _compile(E: int, P: int, dtype: torch.dtype):
+    key = (E, P, dtype, torch.cuda.current_device())
+    if key not in _kernels:
+        kernel = torch.cuda._compile_kernel(source_defines(E, P, dtype) + SOURCE.read_text(),
+                                            'vim_conv_xproj')
+        kernel.set_shared_memory_config(smem_bytes(E, P))
+        _kernels[key] = kernel
+    return _kernels[key]
+
+
+def conv_xproj(x, w_f, b_f, w_b, b_b, x_proj):
+    """x (batch, L, E) -> (u, xd): u (2, batch, L, E) the two convs + SiLU (the second
+    anti-causal, as in ``triton_conv``), xd (2, batch, L, P) = u . x_proj^T per direction."""
+    why_not = conv_xproj_applies(x, w_f, x_proj)
+    if why_not:
+        raise ValueError(f'conv_xproj: {why_not}')
+    u, xd, args, grid, block = launch(x, w_f, b_f, w_b, b_b, x_proj)
+    if x.shape[0] * x.shape[1]:
+        _compile(x.shape[-1], x_proj.shape[1], x.dtype)(
+            grid=grid, block=block, args=args, shared_mem=smem_bytes(x.shape[-1], x_proj.shape[1]))
+    return u, xd
+
+
+def conv_xproj_reference(x, w_f, b_f, w_b, b_b, x_proj):
+    """fp32 PyTorch twin: (u, xd) as :func:`conv_xproj` computes them, any device."""
+    from .triton_conv import bidirectional_conv_torch
+    u = torch.stack(bidirectional_conv_torch(x.float(), w_f.float(), b_f.float(), w_b.float(),
+                                             b_b.float()))
+    return u, u @ x_proj.float().transpose(1, 2).unsqueeze(1)
