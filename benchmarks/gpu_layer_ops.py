@@ -101,19 +101,21 @@ def time_conv_xproj(rows, name, batch, L, E, tiles=('64x64',)):
     """The fused conv + x_proj kernel (``cuda_conv_xproj``), per tile shape, against the pair it
     replaces: the stream conv, then one bmm (what the mixer runs), all checked against the fp32
     twin."""
-    from vim_mm.ops.cuda_conv_xproj import conv_xproj, conv_xproj_reference
+    from vim_mm.ops.cuda_conv_xproj import (conv_xproj, conv_xproj_reference,
+                                            stack_conv_weights)
     x = torch.randn(batch, L, 2 * E, device='cuda', dtype=torch.bfloat16)[..., :E]
     w_f, w_b = (torch.randn(E, 1, 4, device='cuda') * 0.5 for _ in range(2))
     b_f, b_b = (torch.randn(E, device='cuda') for _ in range(2))
     w2 = torch.randn(2, ROWS_PADDED, E, device='cuda', dtype=torch.bfloat16) * E ** -0.5
-    want_u, want_xd = conv_xproj_reference(x, w_f, b_f, w_b, b_b, w2)
+    taps, bias = stack_conv_weights(w_f, b_f, w_b, b_b)  # the mixer caches them
+    want_u, want_xd = conv_xproj_reference(x, taps, bias, w2)
 
     def pair():
         us = bidirectional_conv(x, w_f, b_f, w_b, b_b)
         return us, torch.bmm(us.flatten(1, 2), w2.transpose(1, 2)).unflatten(1, (batch, L))
 
     candidates = {'conv + bmm': pair}
-    candidates.update({f'fused {tile}': lambda tile=tile: conv_xproj(x, w_f, b_f, w_b, b_b, w2)
+    candidates.update({f'fused {tile}': lambda tile=tile: conv_xproj(x, taps, bias, w2)
                        for tile in tiles})
     for label, fn in candidates.items():
         if label.startswith('fused'):

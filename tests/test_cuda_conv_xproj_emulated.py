@@ -14,10 +14,9 @@ from vim_mm.ops import cuda_conv_xproj as cx
 
 HERE = Path(__file__).parent
 DRIVER = r'''
-extern "C" void run(unsigned gx, unsigned gy, const u16* x, int sx_b, int sx_l, const float* w_f,
-                    const float* b_f, const float* w_b, const float* b_b, const u16* wx, u16* u,
-                    u16* xd, int batch, int L) {
-  emulate(vim_conv_xproj, gx, gy, 1, NTH, x, sx_b, sx_l, w_f, b_f, w_b, b_b, wx, u, xd, batch, L);
+extern "C" void run(unsigned gx, unsigned gy, const u16* x, int sx_b, int sx_l, const float* taps,
+                    const float* bias, const u16* wx, u16* u, u16* xd, int batch, int L) {
+  emulate(vim_conv_xproj, gx, gy, 1, NTH, x, sx_b, sx_l, taps, bias, wx, u, xd, batch, L);
 }
 '''
 
@@ -47,14 +46,15 @@ def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, batch, L, E, P, widt
     w_f, w_b = (torch.randn(E, 1, width, generator=g) * 0.5 for _ in range(2))
     b_f, b_b = (torch.randn(E, generator=g) * 0.1 for _ in range(2))
     x_proj = (torch.randn(2, P, E, generator=g) * E ** -0.5).to(dtype)
-    u, xd, args, grid, block = cx.launch(x, w_f, b_f, w_b, b_b, x_proj)
+    taps, bias = cx.stack_conv_weights(w_f, b_f, w_b, b_b)
+    u, xd, args, grid, block = cx.launch(x, taps, bias, x_proj)
     u.fill_(float('nan'))
     xd.fill_(float('nan'))
     lib = build(tmp_path, E, P, dtype)
     c_args = [ctypes.c_void_p(a.data_ptr()) if torch.is_tensor(a) else ctypes.c_int(a)
               for a in args]
     lib.run(grid[0], grid[1], *c_args)
-    want_u, want_xd = cx.conv_xproj_reference(x, w_f, b_f, w_b, b_b, x_proj)
+    want_u, want_xd = cx.conv_xproj_reference(x, taps, bias, x_proj)
     assert torch.isfinite(u).all() and torch.isfinite(xd).all()  # every element written
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=3e-3, rtol=3e-3)
     torch.testing.assert_close(u.float(), want_u, **tol)

@@ -164,6 +164,7 @@ class BiMambaMixer(nn.Module):
         """The C++-scan branch's weights, from the parameters as they are now (differentiable
         where they need gradients). The casts are the casts autocast would make, the pad the
         pad, so ``F.linear`` gives bit-identical outputs with these as with the parameters."""
+        from ..ops.cuda_conv_xproj import stack_conv_weights
         from ..ops.cuda_scan import _direction
         width = self.dt_rank + 2 * self.d_state
         dirs = self.direction_params(''), self.direction_params('_b')
@@ -173,7 +174,9 @@ class BiMambaMixer(nn.Module):
             in_proj=self.in_proj.weight.to(dtype),
             x_proj=torch.stack([F.pad(p['x_proj_w'], (0, 0, 0, -width % 8)).to(dtype)
                                 for p in dirs]),
-            out_proj=self.out_proj.weight.repeat(1, 2).to(dtype), fwd=scan[0], bwd=scan[1])
+            out_proj=self.out_proj.weight.repeat(1, 2).to(dtype), fwd=scan[0], bwd=scan[1],
+            **dict(zip(('conv_taps', 'conv_bias'), stack_conv_weights(
+                self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias))))
 
     def _inference_weights(self, device: torch.device, dtype: torch.dtype,
                            force: bool = False) -> InferenceWeights:
@@ -235,9 +238,9 @@ class BiMambaMixer(nn.Module):
         if conv_xproj_choice() != 'fused' or not self._use_cuda_scan(x, z):
             return None, None
         w = self._derive_weights(dtype) if cached is None else cached
-        if conv_xproj_applies(x, self.conv1d.weight, w.x_proj):
+        if conv_xproj_applies(x, w.conv_taps, w.x_proj):
             return None, w
-        return conv_xproj(x, *conv_params, w.x_proj), w
+        return conv_xproj(x, w.conv_taps, w.conv_bias, w.x_proj), w
 
     def _use_cuda_scan(self, u, z) -> bool:
         """Whether inference takes the CUDA C++ scan (faster than the Triton scan on every

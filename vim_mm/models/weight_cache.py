@@ -20,15 +20,20 @@ class InferenceWeights:
     ``in_proj``'s weight, ``x_proj``'s of both directions stacked (2, rows, E) (rows padded to
     a multiple of 8: one batched GEMM) and
     ``out_proj``'s repeated ``(1, 2)`` in that dtype; per direction ``dt_proj_w``, ``dt_bias``,
-    ``A = -exp(A_log)`` and ``D`` in float32, contiguous (as the scan takes them)."""
+    ``A = -exp(A_log)`` and ``D`` in float32, contiguous (as the scan takes them); both convs'
+    taps (2, E, 4) and biases (2, E) in float32 (as the fused conv + x_proj kernel takes them).
+    """
     in_proj: torch.Tensor
     x_proj: torch.Tensor
     out_proj: torch.Tensor
     fwd: dict
     bwd: dict
+    conv_taps: torch.Tensor
+    conv_bias: torch.Tensor
 
     def tensors(self) -> list:
-        return [self.in_proj, self.x_proj, self.out_proj, *self.fwd.values(), *self.bwd.values()]
+        return [self.in_proj, self.x_proj, self.out_proj, *self.fwd.values(), *self.bwd.values(),
+                self.conv_taps, self.conv_bias]
 
 
 class WeightCache:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import os
 
-__all__ = ['conv_xproj_applies', 'conv_xproj', 'conv_xproj_reference', 'conv_xproj_choice',
+__all__ = ['conv_xproj_applies', 'conv_xproj', 'stack_conv_weights', 'conv_xproj_reference', 'conv_xproj_choice',
            'source_defines', 'launch', 'TL', 'CC', 'NTH', 'MIN_BLOCKS']
 ENV_VAR = 'VIM_MM_CONV_XPROJ'
 
@@ -40,9 +40,9 @@ MIN_BLOCKS = 2  # blocks per SM that __launch_bounds__ asks registers for
 WIDTH = 4
 
 
-def conv_xproj_applies(x: torch.Tensor, conv_w: torch.Tensor, x_proj: torch.Tensor) -> str | None:
-    """None when the kernel can run on x (batch, L, E) with conv weights (E, [1,] W) and the
-    stacked x_proj rows (2, P, E); else why not."""
+def conv_xproj_applies(x: torch.Tensor, taps: torch.Tensor, x_proj: torch.Tensor) -> str | None:
+    """None when the kernel can run on x (batch, L, E) with :func:`stack_conv_weights`' taps
+    and the stacked x_proj rows (2, P, E); else why not."""
     if not x.is_cuda:
         return 'needs CUDA tensors'
     if not hasattr(torch.cuda, '_compile_kernel'):
@@ -54,7 +54,7 @@ def conv_xproj_applies(x: torch.Tensor, conv_w: torch.Tensor, x_proj: torch.Tens
     E = x.shape[-1]
     if E % CC or x_proj.shape[-1] != E or x_proj.shape[1] % 8 or x_proj.shape[0] != 2:
         return f'needs E a multiple of {CC} and (2, P, E) x_proj rows with P a multiple of 8'
-    if conv_w.shape[-1] > WIDTH:
+    if taps.shape[-1] != WIDTH:
         return f'needs conv widths <= {WIDTH}'
     if not (x.stride(-1) == 1 and x.stride(1) % 8 == 0 and x.stride(0) % 8 == 0
             and x.data_ptr() % 16 == 0):
@@ -78,23 +78,24 @@ def smem_bytes(E: int, P: int) -> int:
     return 2 * stage + 2 * TL * (CC + 8) * 2
 
 
-def _weights(w, b):
-    """(E, 4) taps (leading zero taps for narrower convs) and the bias, fp32 contiguous."""
-    w = w.reshape(w.shape[0], -1).float()
-    b = b.float().contiguous()
-    if b.data_ptr() % 16:  # the kernel copies 16-byte pieces
-        b = b.clone()
-    return F.pad(w, (WIDTH - w.shape[-1], 0)).contiguous(), b
+def stack_conv_weights(w_f, b_f, w_b, b_b):
+    """The kernel's conv weights: both directions' taps (2, E, 4) (leading zero taps for
+    narrower convs; wider ones stay as they are, and the kernel refuses them) and biases
+    (2, E), fp32, new tensors (16-byte aligned). The mixer derives them once per weight
+    version (``InferenceWeights``), not per call."""
+    taps = torch.stack([w.reshape(w.shape[0], -1).float() for w in (w_f, w_b)])
+    taps = F.pad(taps, (max(WIDTH - taps.shape[-1], 0), 0))
+    return taps, torch.stack([b_f.float(), b_b.float()])
 
 
-def launch(x, w_f, b_f, w_b, b_b, x_proj):
+def launch(x, taps, bias, x_proj):
     """(u (2, batch, L, E), xd (2, batch, L, P), kernel arguments, grid, block) for these inputs."""
     batch, L, E = x.shape
     P = x_proj.shape[1]
-    (wf, bf), (wb, bb) = _weights(w_f, b_f), _weights(w_b, b_b)
     u = torch.empty(2, batch, L, E, dtype=x.dtype, device=x.device)
     xd = torch.empty(2, batch, L, P, dtype=x.dtype, device=x.device)
-    args = [x, x.stride(0), x.stride(1), wf, bf, wb, bb, x_proj.contiguous(), u, xd, batch, L]
+    args = [x, x.stride(0), x.stride(1), taps.contiguous(), bias.contiguous(),
+            x_proj.contiguous(), u, xd, batch, L]
     return u, xd, args, (math.ceil(L / TL), batch, 1), (NTH, 1, 1)
 
 
@@ -111,22 +112,22 @@ def _compile(E: int, P: int, dtype: torch.dtype):
     return _kernels[key]
 
 
-def conv_xproj(x, w_f, b_f, w_b, b_b, x_proj):
+def conv_xproj(x, taps, bias, x_proj):
     """x (batch, L, E) -> (u, xd): u (2, batch, L, E) the two convs + SiLU (the second
-    anti-causal, as in ``triton_conv``), xd (2, batch, L, P) = u . x_proj^T per direction."""
-    why_not = conv_xproj_applies(x, w_f, x_proj)
+    anti-causal, as in ``triton_conv``), xd (2, batch, L, P) = u . x_proj^T per direction.
+    ``taps``, ``bias``: :func:`stack_conv_weights`; ``x_proj`` (2, P, E) in x's dtype."""
+    why_not = conv_xproj_applies(x, taps, x_proj)
     if why_not:
         raise ValueError(f'conv_xproj: {why_not}')
-    u, xd, args, grid, block = launch(x, w_f, b_f, w_b, b_b, x_proj)
+    u, xd, args, grid, block = launch(x, taps, bias, x_proj)
     if x.shape[0] * x.shape[1]:
         _compile(x.shape[-1], x_proj.shape[1], x.dtype)(
             grid=grid, block=block, args=args, shared_mem=smem_bytes(x.shape[-1], x_proj.shape[1]))
     return u, xd
 
 
-def conv_xproj_reference(x, w_f, b_f, w_b, b_b, x_proj):
+def conv_xproj_reference(x, taps, bias, x_proj):
     """fp32 PyTorch twin: (u, xd) as :func:`conv_xproj` computes them, any device."""
     from .triton_conv import bidirectional_conv_torch
-    u = torch.stack(bidirectional_conv_torch(x.float(), w_f.float(), b_f.float(), w_b.float(),
-                                             b_b.float()))
+    u = torch.stack(bidirectional_conv_torch(x.float(), taps[0], bias[0], taps[1], bias[1]))
     return u, u @ x_proj.float().transpose(1, 2).unsqueeze(1)

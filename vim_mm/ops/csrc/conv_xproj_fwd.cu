@@ -2,8 +2,8 @@
 // compiled at run time by NVRTC, vim_mm/ops/cuda_conv_xproj.py).
 //
 // For a (batch, L, E) token-major x (in_proj's x half), per token t and channel c:
-//   u_f[t, c] = silu(b_f[c] + sum_k w_f[c, k] x[t - 3 + k, c])    (causal, W = 4)
-//   u_b[t, c] = silu(b_b[c] + sum_k w_b[c, k] x[t + 3 - k, c])    (anti-causal: the reversed
+//   u_f[t, c] = silu(bias[0, c] + sum_k taps[0, c, k] x[t - 3 + k, c])   (causal, W = 4)
+//   u_b[t, c] = silu(bias[1, c] + sum_k taps[1, c, k] x[t + 3 - k, c])   (anti-causal: the reversed
 //                                                                   sequence's causal conv)
 //   xd[dir, t, :] = u_dir[t, :] . Wx[dir]^T                       (x_proj, P rows)
 // Outputs: u (2, batch, L, E) and xd (2, batch, L, P), 16-bit, what the Triton conv and one
@@ -133,33 +133,46 @@ struct Smem {
   u16 u[2][TL][UP];    // this chunk's u, per direction; at the end xd's rows
 };
 
+// f(i) for i = threadIdx.x, + NTH, ... below N. The trip count is known at compile time, so
+// divisions in f fold into shifts and a thread's fixed terms leave the chunk loop (as a
+// run-time strided loop, 02990e0's copies were most of the kernel's instructions).
+template <int N, class F>
+__device__ __forceinline__ void for_each_piece(F f) {
+#pragma unroll
+  for (int j = 0; j < (N + NTH - 1) / NTH; ++j) {
+    const int i = threadIdx.x + j * NTH;
+    if (N % NTH == 0 || i < N) f(i);
+  }
+}
+
+// cp.async of chunk c0's inputs into st: 16-byte pieces, in one commit group.
 __device__ __forceinline__ void load_stage(Stage& st, int c0, const u16* xb, int sx_l,
-                                           const u16* wx, const float* w_f, const float* b_f,
-                                           const float* w_b, const float* b_b, int t0, int L) {
-  for (int i = threadIdx.x; i < XR * PIECES; i += NTH) {
-    const int r = i / PIECES, col = (i - r * PIECES) * 8, t = t0 - HALO + r;
+                                           const u16* wx, const float* taps, const float* bias,
+                                           int t0, int L) {
+  const SmemPtr x0 = smem_ptr(&st.x[0][0]), w0 = smem_ptr(&st.w[0][0][0]);
+  const SmemPtr taps0 = smem_ptr(&st.taps[0][0][0]), bias0 = smem_ptr(&st.bias[0][0]);
+  for_each_piece<XR * PIECES>([&](int i) {  // x rows: zeros outside [0, L)
+    const int t = t0 - HALO + i / PIECES;
     const bool ok = t >= 0 && t < L;
-    cp_async<16>(smem_ptr(&st.x[r][col]), xb + (ok ? (i64)t * sx_l + c0 + col : 0), ok);
-  }
-  for (int i = threadIdx.x; i < 2 * P * PIECES; i += NTH) {
-    const int row = i / PIECES, col = (i - row * PIECES) * 8;  // row: direction * P + x_proj row
-    cp_async<16>(smem_ptr(&st.w[row / P][row % P][col]), wx + (i64)row * E + c0 + col, true);
-  }
-  for (int i = threadIdx.x; i < 2 * CC; i += NTH) {  // a channel's 4 taps: 16 bytes
-    const int dir = i / CC, c = i - dir * CC;
-    cp_async<16>(smem_ptr(&st.taps[dir][c][0]), (dir ? w_b : w_f) + (c0 + c) * 4, true);
-  }
-  for (int i = threadIdx.x; i < 2 * CC / 4; i += NTH) {
-    const int dir = i / (CC / 4), c = (i - dir * (CC / 4)) * 4;
-    cp_async<16>(smem_ptr(&st.bias[dir][c]), (dir ? b_b : b_f) + c0 + c, true);
-  }
+    cp_async<16>(x0 + i * 16, xb + (ok ? (i64)t * sx_l + c0 + (i % PIECES) * 8 : 0), ok);
+  });
+  for_each_piece<2 * P * PIECES>([&](int i) {  // x_proj rows, direction-major
+    const int row = i / PIECES, col = (i % PIECES) * 8;
+    cp_async<16>(w0 + (row * UP + col) * 2, wx + (i64)row * E + c0 + col, true);
+  });
+  for_each_piece<2 * CC>([&](int i) {  // a channel's 4 taps
+    cp_async<16>(taps0 + i * 16, taps + ((i / CC) * E + c0 + i % CC) * 4, true);
+  });
+  for_each_piece<CC / 2>([&](int i) {  // 4 biases
+    constexpr int PER_DIR = CC / 4;
+    cp_async<16>(bias0 + i * 16, bias + (i / PER_DIR) * E + c0 + (i % PER_DIR) * 4, true);
+  });
   cp_async_commit();
 }
 
 extern "C" __global__ void __launch_bounds__(NTH, MIN_BLOCKS)
-vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* w_f, const float* b_f,
-               const float* w_b, const float* b_b, const u16* wx, u16* u, u16* xd,
-               int batch, int L) {
+vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* taps, const float* bias,
+               const u16* wx, u16* u, u16* xd, int batch, int L) {
 #ifdef VIM_SCAN_EMULATE
   static Smem s;
 #else
@@ -179,14 +192,14 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* w_f, const float* 
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[n][j] = 0.f;
 
-  load_stage(s.stage[0], 0, xb, sx_l, wx, w_f, b_f, w_b, b_b, t0, L);
+  load_stage(s.stage[0], 0, xb, sx_l, wx, taps, bias, t0, L);
   for (int k = 0; k < E / CC; ++k) {
     const int c0 = k * CC;
     const Stage& st = s.stage[k & 1];
     cp_async_wait<0>();
     __syncthreads();  // chunk k staged; every thread is past chunk k - 1's mma (s.u, the buffer)
     if (c0 + CC < E)  // in flight during this chunk's work
-      load_stage(s.stage[(k + 1) & 1], c0 + CC, xb, sx_l, wx, w_f, b_f, w_b, b_b, t0, L);
+      load_stage(s.stage[(k + 1) & 1], c0 + CC, xb, sx_l, wx, taps, bias, t0, L);
     // 1. the convs of channels 2 cp, 2 cp + 1 over tokens r0 .. r0 + TPG - 1 of the tile
     float xw[2][TPG + 2 * HALO];  // staged rows r0 .. r0 + TPG + 5: tokens r0 - 3 ..
 #pragma unroll
@@ -223,12 +236,12 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* w_f, const float* 
     }
     __syncthreads();
     // 2a. the u tile to global memory, 16-byte pieces (rows past L stay unwritten)
-    for (int i = threadIdx.x; i < 2 * TL * PIECES; i += NTH) {
-      const int row = i / PIECES, col = (i - row * PIECES) * 8, dir = row / TL, tt = row % TL;
+    for_each_piece<2 * TL * PIECES>([&](int i) {
+      const int row = i / PIECES, col = (i % PIECES) * 8, dir = row / TL, tt = row % TL;
       if (t0 + tt < L)
         *reinterpret_cast<uint4*>(u0 + dir * u_dir + (i64)tt * E + c0 + col) =
-            *reinterpret_cast<const uint4*>(&s.u[dir][tt][col]);
-    }
+            *reinterpret_cast<const uint4*>(&s.u[0][0][0] + row * UP + col);
+    });
     // 2b. xd[mdir, m0 .. m0 + 15, :] += u[mdir, m0 .., chunk] . Wx[mdir, :, chunk]^T
 #pragma unroll
     for (int ks = 0; ks < CC / 16; ++ks) {
@@ -257,11 +270,10 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* w_f, const float* 
           pack2(acc[n][2 * h], acc[n][2 * h + 1]);
   __syncthreads();
   constexpr int XD_PIECES = P / 8;
-  for (int i = threadIdx.x; i < 2 * TL * XD_PIECES; i += NTH) {
-    const int row = i / XD_PIECES, col = (i - row * XD_PIECES) * 8, dir = row / TL,
-              tt = row % TL;
+  for_each_piece<2 * TL * XD_PIECES>([&](int i) {
+    const int row = i / XD_PIECES, col = (i % XD_PIECES) * 8, dir = row / TL, tt = row % TL;
     if (t0 + tt < L)
       *reinterpret_cast<uint4*>(xd + ((i64)(dir * batch + bat) * L + t0 + tt) * P + col) =
-          *reinterpret_cast<const uint4*>(&s.u[dir][tt][col]);
-  }
+          *reinterpret_cast<const uint4*>(&s.u[0][0][0] + row * UP + col);
+  });
 }
