@@ -113,3 +113,17 @@ inline void mma_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)
   __syncwarp();  // every lane has read the posted fragments before any posts new ones
   for (int j = 0; j < 4; ++j) d[j] = out[j];
 }
+
+// ldmatrix.sync.aligned.m8n8.x4 / .x2 (.shared.b16) for one warp: lane 8 j + i posts the address
+// of row i of matrix j; lane l receives of matrix j row l / 4, its 32-bit word l % 4.
+template <int N>
+inline void ldmatrix_n(unsigned (&r)[N], SmemPtr row) {
+  static SmemPtr posted[32][32];  // [warp][lane]; one block runs at a time
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  posted[warp][lane] = row;
+  __syncwarp();
+  for (int j = 0; j < N; ++j) std::memcpy(&r[j], posted[warp][8 * j + lane / 4] + 4 * (lane % 4), 4);
+  __syncwarp();  // every lane has read the posted addresses before any posts new ones
+}
+inline void ldmatrix_x4(unsigned (&r)[4], SmemPtr row) { ldmatrix_n<4>(r, row); }
+inline void ldmatrix_x2(unsigned (&r)[2], SmemPtr row) { ldmatrix_n<2>(r, row); }

@@ -231,9 +231,9 @@ class BiMambaMixer(nn.Module):
 
     def _fused_conv_xproj(self, x, z, conv_params, cached, dtype):
         """((u, x_dbl), the inference weights) from the fused conv + x_proj kernel
-        (``vim_mm/ops/cuda_conv_xproj.py``) where $VIM_MM_CONV_XPROJ is 'fused' and it and the
-        CUDA C++ scan apply (x has u's shape and dtype); else (None, None): the Triton conv,
-        then one batched GEMM."""
+        (``vim_mm/ops/cuda_conv_xproj.py``) where it and the CUDA C++ scan apply (x has u's
+        shape and dtype) and $VIM_MM_CONV_XPROJ is not 'pair'; else (None, weights or None):
+        the Triton conv, then one batched GEMM."""
         from ..ops.cuda_conv_xproj import conv_xproj, conv_xproj_applies, conv_xproj_choice
         if conv_xproj_choice() != 'fused' or not self._use_cuda_scan(x, z):
             return None, None

@@ -13,30 +13,29 @@ thread per CUDA thread (tests/cuda_emulation.h, tests/test_cuda_conv_xproj_emula
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import os
-
-__all__ = ['conv_xproj_applies', 'conv_xproj', 'stack_conv_weights', 'conv_xproj_reference', 'conv_xproj_choice',
-           'source_defines', 'launch', 'TL', 'CC', 'NTH', 'MIN_BLOCKS']
+__all__ = ['conv_xproj_applies', 'conv_xproj', 'stack_conv_weights', 'conv_xproj_reference',
+           'conv_xproj_choice', 'source_defines', 'launch', 'TL', 'CC', 'NTH', 'MIN_BLOCKS']
 ENV_VAR = 'VIM_MM_CONV_XPROJ'
 
 
 def conv_xproj_choice() -> str:
-    """$VIM_MM_CONV_XPROJ: 'pair' (default: the Triton conv, then one batched GEMM) or
-    'fused' (this kernel wherever it applies)."""
-    choice = os.environ.get(ENV_VAR, 'pair').lower()
+    """$VIM_MM_CONV_XPROJ: 'fused' (default: this kernel wherever it and the CUDA C++ scan
+    apply) or 'pair' (the Triton conv, then one batched GEMM)."""
+    choice = os.environ.get(ENV_VAR, 'fused').lower()
     if choice not in ('pair', 'fused'):
         raise ValueError(f"{ENV_VAR}={choice!r}; choose 'pair' or 'fused'.")
     return choice
 
 
 SOURCE = Path(__file__).with_name('csrc') / 'conv_xproj_fwd.cu'
-TL, CC, NTH = 64, 64, 256  # tokens per block, channels per chunk, threads per block
-MIN_BLOCKS = 2  # blocks per SM that __launch_bounds__ asks registers for
+TL, CC, NTH = 32, 64, 128  # tokens per block, channels per chunk, threads per block
+MIN_BLOCKS = 4  # blocks per SM that __launch_bounds__ asks registers for
 WIDTH = 4
 
 

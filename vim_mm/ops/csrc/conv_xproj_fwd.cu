@@ -95,6 +95,19 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+// Four (two) 8 x 8 16-bit matrices from shared memory, in the mma fragment layout: lane
+// 8 j + i gives row i of matrix j (lanes 0-15 for x2); a lane gets of matrix j row lane / 4,
+// elements 2 (lane % 4), + 1, in r[j].
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], SmemPtr row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row));
+}
+
+__device__ __forceinline__ void ldmatrix_x2(unsigned (&r)[2], SmemPtr row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(row));
+}
 #endif  // VIM_SCAN_EMULATE
 
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
@@ -186,6 +199,9 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* taps, const float*
   const int mdir = warp / MT, m0 = (warp % MT) * 16;                   // mma: direction, slice
   u16* const u0 = u + ((i64)bat * L + t0) * E;  // direction 0's rows; direction 1's follow
   const i64 u_dir = (i64)batch * L * E;        // after batch * L rows
+  // ldmatrix rows: this lane's u tile row (A) and x_proj row (B, from a stage's w)
+  const SmemPtr u_rows = smem_ptr(&s.u[mdir][m0 + lane % 16][(lane / 16) * 8]);
+  const unsigned b_lane = ((mdir * P + (lane / 16) * 8 + lane % 8) * UP + ((lane / 8) % 2) * 8) * 2;
   float acc[NT8][4];
 #pragma unroll
   for (int n = 0; n < NT8; ++n)
@@ -242,21 +258,25 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* taps, const float*
         *reinterpret_cast<uint4*>(u0 + dir * u_dir + (i64)tt * E + c0 + col) =
             *reinterpret_cast<const uint4*>(&s.u[0][0][0] + row * UP + col);
     });
-    // 2b. xd[mdir, m0 .. m0 + 15, :] += u[mdir, m0 .., chunk] . Wx[mdir, :, chunk]^T
+    // 2b. xd[mdir, m0 .. m0 + 15, :] += u[mdir, m0 .., chunk] . Wx[mdir, :, chunk]^T, the
+    // fragments by ldmatrix (A: lane l gives u row m0 + l % 16 at column 8 (l / 16); B: x_proj
+    // row 8 (n + l / 16) + l % 8 at column 8 ((l / 8) % 2), two 8-row tiles per x4)
+    const SmemPtr w_rows = smem_ptr(&st.w[0][0][0]) + b_lane;
 #pragma unroll
     for (int ks = 0; ks < CC / 16; ++ks) {
-      const int kk = ks * 16 + 2 * tig;
       unsigned a[4];
-      a[0] = *reinterpret_cast<const unsigned*>(&s.u[mdir][m0 + g][kk]);
-      a[1] = *reinterpret_cast<const unsigned*>(&s.u[mdir][m0 + g + 8][kk]);
-      a[2] = *reinterpret_cast<const unsigned*>(&s.u[mdir][m0 + g][kk + 8]);
-      a[3] = *reinterpret_cast<const unsigned*>(&s.u[mdir][m0 + g + 8][kk + 8]);
+      ldmatrix_x4(a, u_rows + ks * 32);
 #pragma unroll
-      for (int n = 0; n < NT8; ++n) {
-        const u16* wr = &st.w[mdir][n * 8 + g][kk];  // B: x_proj row n * 8 + g
-        const unsigned b[2] = {*reinterpret_cast<const unsigned*>(wr),
-                               *reinterpret_cast<const unsigned*>(wr + 8)};
-        mma_16816(acc[n], a, b);
+      for (int n = 0; n + 1 < NT8; n += 2) {
+        unsigned b[4];
+        ldmatrix_x4(b, w_rows + (n * 8 * UP) * 2 + ks * 32);
+        mma_16816(acc[n], a, {b[0], b[1]});
+        mma_16816(acc[n + 1], a, {b[2], b[3]});
+      }
+      if (NT8 % 2) {
+        unsigned b[2];
+        ldmatrix_x2(b, w_rows + ((NT8 - 1) * 8 * UP) * 2 + ks * 32);
+        mma_16816(acc[NT8 - 1], a, b);
       }
     }
   }
