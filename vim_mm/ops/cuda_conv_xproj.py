@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['conv_xproj_applies', 'conv_xproj', 'stack_conv_weights', 'conv_xproj_reference',
-           'conv_xproj_choice', 'source_defines', 'launch', 'TL', 'CC', 'NTH', 'MIN_BLOCKS']
+           'conv_xproj_choice', 'source_defines', 'launch', 'TL', 'CC', 'NTH', 'MIN_BLOCKS',
+           'STAGES']
 ENV_VAR = 'VIM_MM_CONV_XPROJ'
 
 
@@ -36,6 +37,7 @@ def conv_xproj_choice() -> str:
 SOURCE = Path(__file__).with_name('csrc') / 'conv_xproj_fwd.cu'
 TL, CC, NTH = 32, 64, 128  # tokens per block, channels per chunk, threads per block
 MIN_BLOCKS = 4  # blocks per SM that __launch_bounds__ asks registers for
+STAGES = 2  # channel chunks staged: the one computed and STAGES - 1 ahead
 WIDTH = 4
 
 
@@ -65,26 +67,28 @@ def conv_xproj_applies(x: torch.Tensor, taps: torch.Tensor, x_proj: torch.Tensor
 
 def source_defines(E: int, P: int, dtype: torch.dtype) -> str:
     consts = dict(E=E, P=P, FP16=int(dtype == torch.float16), TL=TL, CC=CC, NTH=NTH,
-                  MIN_BLOCKS=MIN_BLOCKS)
+                  MIN_BLOCKS=MIN_BLOCKS, STAGES=STAGES)
     return ''.join(f'#define {k} {v}\n' for k, v in consts.items())
 
 
 def smem_bytes(E: int, P: int) -> int:
-    """The kernel's Smem: two stages (a chunk's TL + 6 x rows of CC channels and (2, P, CC + 8)
+    """The kernel's Smem: STAGES stages (a chunk's TL + 6 x rows of CC channels and (2, P, CC + 8)
     x_proj columns, 16-bit; its (2, CC) conv taps (4 each) and biases, fp32) and the (2, TL,
     CC + 8) u tile, 16-bit."""
     stage = (TL + 6) * CC * 2 + 2 * P * (CC + 8) * 2 + 2 * CC * 5 * 4
-    return 2 * stage + 2 * TL * (CC + 8) * 2
+    return STAGES * stage + 2 * TL * (CC + 8) * 2
 
 
 def stack_conv_weights(w_f, b_f, w_b, b_b):
     """The kernel's conv weights: both directions' taps (2, E, 4) (leading zero taps for
     narrower convs; wider ones stay as they are, and the kernel refuses them) and biases
-    (2, E), fp32, new tensors (16-byte aligned). The mixer derives them once per weight
-    version (``InferenceWeights``), not per call."""
+    (2, E), fp32, new tensors (16-byte aligned), HALVED: the kernel's SiLU takes half its
+    argument (silu(x) = h + h tanh(h), h = x / 2), so convolving with halves saves a multiply
+    per output (exact: a power of two). The mixer derives them once per weight version
+    (``InferenceWeights``), not per call."""
     taps = torch.stack([w.reshape(w.shape[0], -1).float() for w in (w_f, w_b)])
     taps = F.pad(taps, (max(WIDTH - taps.shape[-1], 0), 0))
-    return taps, torch.stack([b_f.float(), b_b.float()])
+    return 0.5 * taps, 0.5 * torch.stack([b_f.float(), b_b.float()])
 
 
 def launch(x, taps, bias, x_proj):
@@ -126,7 +130,9 @@ def conv_xproj(x, taps, bias, x_proj):
 
 
 def conv_xproj_reference(x, taps, bias, x_proj):
-    """fp32 PyTorch twin: (u, xd) as :func:`conv_xproj` computes them, any device."""
+    """fp32 PyTorch twin: (u, xd) as :func:`conv_xproj` computes them, any device (``taps``,
+    ``bias``: :func:`stack_conv_weights`' halves)."""
     from .triton_conv import bidirectional_conv_torch
+    taps, bias = 2 * taps, 2 * bias
     u = torch.stack(bidirectional_conv_torch(x.float(), taps[0], bias[0], taps[1], bias[1]))
     return u, u @ x_proj.float().transpose(1, 2).unsqueeze(1)

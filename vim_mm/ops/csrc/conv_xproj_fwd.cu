@@ -2,9 +2,10 @@
 // compiled at run time by NVRTC, vim_mm/ops/cuda_conv_xproj.py).
 //
 // For a (batch, L, E) token-major x (in_proj's x half), per token t and channel c:
-//   u_f[t, c] = silu(bias[0, c] + sum_k taps[0, c, k] x[t - 3 + k, c])   (causal, W = 4)
-//   u_b[t, c] = silu(bias[1, c] + sum_k taps[1, c, k] x[t + 3 - k, c])   (anti-causal: the reversed
-//                                                                   sequence's causal conv)
+//   u_f[t, c] = silu(2 (bias[0, c] + sum_k taps[0, c, k] x[t - 3 + k, c]))   (causal, W = 4)
+//   u_b[t, c] = silu(2 (bias[1, c] + sum_k taps[1, c, k] x[t + 3 - k, c]))   (anti-causal: the
+//                                                                    reversed sequence's)
+// (taps and biases are the conv's halved: the SiLU below takes half its argument)
 //   xd[dir, t, :] = u_dir[t, :] . Wx[dir]^T                       (x_proj, P rows)
 // Outputs: u (2, batch, L, E) and xd (2, batch, L, P), 16-bit, what the Triton conv and one
 // batched GEMM give (the scan reads both).
@@ -15,8 +16,8 @@
 //
 // A block takes TL tokens of one sequence and walks the channels in chunks of CC. Each chunk's
 // inputs (x rows t0 - 3 .. t0 + TL + 2 of its channels, zero outside [0, L); both directions'
-// x_proj columns; the conv taps and biases) are staged by cp.async into one of two buffers,
-// the next chunk's while this one is computed. Per chunk:
+// x_proj columns; the conv taps and biases) are staged by cp.async into one of STAGES buffers,
+// STAGES - 1 chunks ahead of the one computed. Per chunk:
 //   1. each thread convolves a channel pair over TPG consecutive tokens (a sliding window of
 //      shared-memory rows) into a shared (2, TL, CC) u tile;
 //   2. after a barrier the tile goes to global memory in 16-byte pieces, and each warp
@@ -29,7 +30,9 @@
 // (1.16-1.45x slower than the pair, whatever the tile shape).
 //
 // Compile-time constants (prepended by the wrapper): E (channels, a multiple of CC), P (x_proj
-// rows, padded to a multiple of 8), FP16 (16-bit format), TL, CC, NTH (threads per block).
+// rows, padded to a multiple of 8), FP16 (16-bit format), TL, CC, NTH (threads per block),
+// STAGES (chunks staged: this one and STAGES - 1 ahead), MIN_BLOCKS (blocks per SM that the
+// registers must allow).
 
 typedef unsigned short u16;
 typedef long long i64;
@@ -114,11 +117,9 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   return from_f32(lo) | ((unsigned)from_f32(hi) << 16);
 }
 
-// x sigmoid(x) as x (1 + tanh(x / 2)) / 2: one MUFU op (the Triton conv's 'tanh' mode)
-__device__ __forceinline__ float silu(float x) {
-  const float h = 0.5f * x;
-  return fmaf(h, tanh_approx(h), h);
-}
+// silu(x) = x sigmoid(x) = h (1 + tanh(h)) with h = x / 2: one MUFU op (the Triton conv's
+// 'tanh' mode), and no multiply when the convolution gives h (halved taps and bias)
+__device__ __forceinline__ float silu_of_half(float h) { return fmaf(h, tanh_approx(h), h); }
 
 constexpr int HALO = 3;
 constexpr int XR = TL + 2 * HALO;  // x rows staged
@@ -142,7 +143,7 @@ struct Stage {           // one chunk's inputs (channels c0 .. c0 + CC - 1)
 };
 
 struct Smem {
-  Stage stage[2];      // this chunk's and the next one's
+  Stage stage[STAGES];  // this chunk's and the next ones'
   u16 u[2][TL][UP];    // this chunk's u, per direction; at the end xd's rows
 };
 
@@ -158,7 +159,7 @@ __device__ __forceinline__ void for_each_piece(F f) {
   }
 }
 
-// cp.async of chunk c0's inputs into st: 16-byte pieces, in one commit group.
+// cp.async of chunk c0's inputs into st, 16-byte pieces (the caller commits the group).
 __device__ __forceinline__ void load_stage(Stage& st, int c0, const u16* xb, int sx_l,
                                            const u16* wx, const float* taps, const float* bias,
                                            int t0, int L) {
@@ -180,7 +181,6 @@ __device__ __forceinline__ void load_stage(Stage& st, int c0, const u16* xb, int
     constexpr int PER_DIR = CC / 4;
     cp_async<16>(bias0 + i * 16, bias + (i / PER_DIR) * E + c0 + (i % PER_DIR) * 4, true);
   });
-  cp_async_commit();
 }
 
 extern "C" __global__ void __launch_bounds__(NTH, MIN_BLOCKS)
@@ -208,14 +208,21 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* taps, const float*
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[n][j] = 0.f;
 
-  load_stage(s.stage[0], 0, xb, sx_l, wx, taps, bias, t0, L);
-  for (int k = 0; k < E / CC; ++k) {
+  constexpr int NCHUNK = E / CC;
+#pragma unroll
+  for (int k = 0; k < STAGES - 1; ++k) {  // chunks 0 .. STAGES - 2 in flight
+    if (k < NCHUNK) load_stage(s.stage[k], k * CC, xb, sx_l, wx, taps, bias, t0, L);
+    cp_async_commit();  // (empty groups keep the count: a group per chunk)
+  }
+  for (int k = 0; k < NCHUNK; ++k) {
     const int c0 = k * CC;
-    const Stage& st = s.stage[k & 1];
-    cp_async_wait<0>();
-    __syncthreads();  // chunk k staged; every thread is past chunk k - 1's mma (s.u, the buffer)
-    if (c0 + CC < E)  // in flight during this chunk's work
-      load_stage(s.stage[(k + 1) & 1], c0 + CC, xb, sx_l, wx, taps, bias, t0, L);
+    const Stage& st = s.stage[k % STAGES];
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // chunk k staged; every thread is past chunk k - 1's mma (s.u, its buffer)
+    if (k + STAGES - 1 < NCHUNK)  // in flight during this chunk's work
+      load_stage(s.stage[(k + STAGES - 1) % STAGES], c0 + (STAGES - 1) * CC, xb, sx_l, wx, taps,
+                 bias, t0, L);
+    cp_async_commit();
     // 1. the convs of channels 2 cp, 2 cp + 1 over tokens r0 .. r0 + TPG - 1 of the tile
     float xw[2][TPG + 2 * HALO];  // staged rows r0 .. r0 + TPG + 5: tokens r0 - 3 ..
 #pragma unroll
@@ -243,8 +250,8 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* taps, const float*
           af = fmaf(wf[j][q], xw[j][i + q], af);              // x[t - 3 + q]
           ab = fmaf(wb[j][q], xw[j][i + 2 * HALO - q], ab);   // x[t + 3 - q]
         }
-        yf[j] = silu(af);
-        yb[j] = silu(ab);
+        yf[j] = silu_of_half(af);  // af, ab: half the conv's outputs
+        yb[j] = silu_of_half(ab);
       }
       const int tt = r0 + i;
       *reinterpret_cast<unsigned*>(&s.u[0][tt][2 * cp]) = pack2(yf[0], yf[1]);
