@@ -88,12 +88,12 @@ NORM_SETTINGS = [dict(block_m=m, num_warps=w) for m in (4, 8, 16, 32, 64) for w 
 
 def use_tile(tile: str):
     """Sets the fused conv + x_proj kernel's tokens per block, channels per chunk and,
-    optionally, the blocks per SM its registers are bounded for, the chunks staged and the
-    conv passes ('TLxCC[xMIN_BLOCKS[xSTAGES[xCONV_PASSES]]]'; NTH = 4 TL threads: a warp per
-    16-token slice and direction) and drops compiled kernels."""
+    optionally, the blocks per SM its registers are bounded for and the chunks staged
+    ('TLxCC[xMIN_BLOCKS[xSTAGES]]'; NTH = 4 TL threads: a warp per 16-token slice and
+    direction) and drops compiled kernels."""
     from vim_mm.ops import cuda_conv_xproj as cx
     cx.TL, cx.CC, *more = (int(v) for v in tile.split('x'))
-    cx.MIN_BLOCKS, cx.STAGES, cx.CONV_PASSES = (more + [4, 2, 1][len(more):])[:3]
+    cx.MIN_BLOCKS, cx.STAGES = (more + [2, 2][len(more):])[:2]
     cx.NTH = 4 * cx.TL
     cx._kernels.clear()
 
@@ -156,7 +156,8 @@ def main():
     parser.add_argument('--ops', nargs='+', default=['conv', 'x_proj', 'norm'])
     parser.add_argument('--shapes', type=int, default=len(SHAPES), help='the first N shapes')
     parser.add_argument('--tiles', nargs='+', default=['64x64'],
-                        help="conv_xproj's tile shapes, TLxCC[xMIN_BLOCKS[xSTAGES[xPASSES]]]")
+                        help="conv_xproj's tile shapes: TLxCC[xMIN_BLOCKS[xSTAGES]], tokens x "
+                        "channels")
     parser.add_argument('--out')
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -24,7 +24,9 @@ FAMILIES = [  # first match wins
     # our Triton kernels by their exact names (mamba-ssm's causal_conv1d_fwd_kernel and
     # _layer_norm_bwd_kernel end the same way; before this anchoring they were counted here)
     ('triton scan', r'^(_fwd_kernel|_carry_kernel|_bwd_kernel|_bwd_summary_kernel)$'),
-    ('cuda scan', r'^vim_scan_'), ('triton conv', r'_bi_conv_kernel'), ('causal_conv1d', r'causal_conv1d'), ('flip', r'flip'), ('gemm', r'gemm|cutlass|sm90_|ampere_|Kernel2|cublas'),
+    ('cuda scan', r'^vim_scan_'), ('conv + x_proj (fused)', r'^vim_conv_xproj'),
+    ('triton conv', r'_bi_conv_kernel'), ('causal_conv1d', r'causal_conv1d'), ('flip', r'flip'),
+    ('gemm', r'gemm|cutlass|sm90_|ampere_|Kernel2|cublas|nvjet'),
     ('reduce (norm)', r'reduce_kernel|norm'), ('copy / layout', r'copy|transpose|cat|Copy'),
     ('elementwise', r'elementwise|vectorized|unrolled'), ('triton', r'^triton'),
 ]

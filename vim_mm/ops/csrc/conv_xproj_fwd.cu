@@ -32,7 +32,7 @@
 // Compile-time constants (prepended by the wrapper): E (channels, a multiple of CC), P (x_proj
 // rows, padded to a multiple of 8), FP16 (16-bit format), TL, CC, NTH (threads per block),
 // STAGES (chunks staged: this one and STAGES - 1 ahead), MIN_BLOCKS (blocks per SM that the
-// registers must allow), CONV_PASSES (passes over a thread's tokens per chunk).
+// registers must allow).
 
 typedef unsigned short u16;
 typedef long long i64;
@@ -129,11 +129,9 @@ constexpr int MT = TL / 16;        // 16-token slices per direction: one per war
 constexpr int NT8 = P / 8;         // x_proj's 8-row tiles
 constexpr int PAIRS = CC / 2;      // channel pairs of a chunk
 constexpr int TPG = TL / (NTH / PAIRS);  // consecutive tokens a thread convolves per chunk
-constexpr int TPP = TPG / CONV_PASSES;   // of which per pass
 constexpr int PIECES = CC / 8;     // 16-byte pieces of a chunk's row of 16-bit values
 static_assert(E % CC == 0 && CC % 16 == 0 && P % 8 == 0 && TL % 16 == 0 && P <= UP,
               "vim_conv_xproj: E a multiple of CC, CC of 16, P of 8 and <= CC + 8, TL of 16");
-static_assert(TPG % CONV_PASSES == 0, "vim_conv_xproj: CONV_PASSES must divide TPG");
 static_assert(NWARP == 2 * MT && NTH % PAIRS == 0 && TL % (NTH / PAIRS) == 0,
               "vim_conv_xproj: one warp per 16-token slice and direction; whole token groups");
 
@@ -225,8 +223,7 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* taps, const float*
       load_stage(s.stage[(k + STAGES - 1) % STAGES], c0 + (STAGES - 1) * CC, xb, sx_l, wx, taps,
                  bias, t0, L);
     cp_async_commit();
-    // 1. the convs of channels 2 cp, 2 cp + 1 over tokens r0 .. r0 + TPG - 1 of the tile, in
-    // CONV_PASSES passes of TPP tokens (fewer rows in registers at once: more blocks per SM)
+    // 1. the convs of channels 2 cp, 2 cp + 1 over tokens r0 .. r0 + TPG - 1 of the tile
     float wf[2][4], wb[2][4], bf[2], bb[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -238,34 +235,30 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* taps, const float*
       bf[j] = st.bias[0][2 * cp + j];
       bb[j] = st.bias[1][2 * cp + j];
     }
-#pragma unroll 1
-    for (int pass = 0; pass < CONV_PASSES; ++pass) {
-      const int rp = r0 + pass * TPP;
-      float xw[2][TPP + 2 * HALO];  // staged rows rp .. rp + TPP + 5: tokens rp - 3 ..
+    float xw[2][TPG + 2 * HALO];  // staged rows r0 .. r0 + TPG + 5: tokens r0 - 3 ..
 #pragma unroll
-      for (int i = 0; i < TPP + 2 * HALO; ++i) {
-        const unsigned v = *reinterpret_cast<const unsigned*>(&st.x[rp + i][2 * cp]);
-        xw[0][i] = to_f32((u16)(v & 0xffffu));
-        xw[1][i] = to_f32((u16)(v >> 16));
-      }
+    for (int i = 0; i < TPG + 2 * HALO; ++i) {
+      const unsigned v = *reinterpret_cast<const unsigned*>(&st.x[r0 + i][2 * cp]);
+      xw[0][i] = to_f32((u16)(v & 0xffffu));
+      xw[1][i] = to_f32((u16)(v >> 16));
+    }
 #pragma unroll
-      for (int i = 0; i < TPP; ++i) {
-        float yf[2], yb[2];
+    for (int i = 0; i < TPG; ++i) {
+      float yf[2], yb[2];
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          float af = bf[j], ab = bb[j];
+      for (int j = 0; j < 2; ++j) {
+        float af = bf[j], ab = bb[j];
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            af = fmaf(wf[j][q], xw[j][i + q], af);              // x[t - 3 + q]
-            ab = fmaf(wb[j][q], xw[j][i + 2 * HALO - q], ab);   // x[t + 3 - q]
-          }
-          yf[j] = silu_of_half(af);  // af, ab: half the conv's outputs
-          yb[j] = silu_of_half(ab);
+        for (int q = 0; q < 4; ++q) {
+          af = fmaf(wf[j][q], xw[j][i + q], af);              // x[t - 3 + q]
+          ab = fmaf(wb[j][q], xw[j][i + 2 * HALO - q], ab);   // x[t + 3 - q]
         }
-        const int tt = rp + i;
-        *reinterpret_cast<unsigned*>(&s.u[0][tt][2 * cp]) = pack2(yf[0], yf[1]);
-        *reinterpret_cast<unsigned*>(&s.u[1][tt][2 * cp]) = pack2(yb[0], yb[1]);
+        yf[j] = silu_of_half(af);  // af, ab: half the conv's outputs
+        yb[j] = silu_of_half(ab);
       }
+      const int tt = r0 + i;
+      *reinterpret_cast<unsigned*>(&s.u[0][tt][2 * cp]) = pack2(yf[0], yf[1]);
+      *reinterpret_cast<unsigned*>(&s.u[1][tt][2 * cp]) = pack2(yb[0], yb[1]);
     }
     __syncthreads();
     // 2a. the u tile to global memory, 16-byte pieces (rows past L stay unwritten)
