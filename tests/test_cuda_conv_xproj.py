@@ -64,18 +64,20 @@ def test_stacked_weights_are_halved_and_the_twin_is_the_conv_then_x_proj(width):
 
 
 def test_wider_convs_are_kept_and_refused():
-    w = torch.randn(8, 1, 5)
-    taps, _ = cx.stack_conv_weights(w, torch.zeros(8), w, torch.zeros(8))
+    E = cx.CC  # what the kernel would take but for the width
+    w = torch.randn(E, 1, 5)
+    taps, bias = cx.stack_conv_weights(w, torch.zeros(E), w, torch.zeros(E))
     assert taps.shape[-1] == 5  # not cut to the kernel's width
-    x = torch.randn(1, 4, 8, dtype=torch.bfloat16)
+    x = torch.randn(1, 4, E, dtype=torch.bfloat16)
+    x_proj = torch.zeros(2, 8, E, dtype=x.dtype)
     if torch.cuda.is_available():
-        x = x.cuda()
-        taps = taps.cuda()
-        why = cx.conv_xproj_applies(x, taps, torch.zeros(2, 8, 8, dtype=x.dtype, device='cuda'))
-        assert why and 'width' in why
+        x, taps, bias, x_proj = x.cuda(), taps.cuda(), bias.cuda(), x_proj.cuda()
+        assert cx.conv_xproj_applies(x, taps[..., 1:], x_proj) is None
+        reason = 'width'
     else:
-        with pytest.raises(ValueError, match='needs CUDA tensors'):
-            cx.conv_xproj(x, taps, torch.zeros(2, 8), torch.zeros(2, 8, 8, dtype=x.dtype))
+        reason = 'needs CUDA tensors'
+    with pytest.raises(ValueError, match=reason):
+        cx.conv_xproj(x, taps, bias, x_proj)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
