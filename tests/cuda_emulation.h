@@ -127,11 +127,3 @@ inline void ldmatrix_n(unsigned (&r)[N], SmemPtr row) {
 }
 inline void ldmatrix_x4(unsigned (&r)[4], SmemPtr row) { ldmatrix_n<4>(r, row); }
 inline void ldmatrix_x2(unsigned (&r)[2], SmemPtr row) { ldmatrix_n<2>(r, row); }
-
-// sm_90's bulk copies from shared to global memory (the fused conv + x_proj kernel's u stores):
-// done at once, so the fence and the waits have nothing to order.
-inline void fence_proxy_async() {}
-inline void bulk_store(void* dst, SmemPtr src, int bytes) { std::memcpy(dst, src, bytes); }
-inline void bulk_commit() {}
-inline void bulk_wait_read() {}
-inline void bulk_wait() {}

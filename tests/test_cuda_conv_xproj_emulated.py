@@ -1,8 +1,7 @@
 """The fused conv + x_proj CUDA C++ kernel's logic on the CPU (tests/cuda_emulation.h: a
 std::thread per CUDA thread, mma.sync emulated per warp), against its fp32 PyTorch twin: the
 halo at both ends, partial blocks of tokens, several channel chunks, both directions, padded
-x_proj rows and a strided x (in_proj's x half), bf16 and fp16, u leaving by sm_90's bulk
-copies and by 16-byte stores (GPUs before sm_90)."""
+x_proj rows and a strided x (in_proj's x half), bf16 and fp16."""
 import ctypes
 import shutil
 import subprocess
@@ -22,12 +21,11 @@ extern "C" void run(unsigned gx, unsigned gy, const u16* x, int sx_b, int sx_l, 
 '''
 
 
-def build(tmp_path, E, P, dtype, bulk):
+def build(tmp_path, E, P, dtype):
     if shutil.which('g++') is None:
         pytest.skip('needs g++')
     source = tmp_path / 'conv_xproj_emulated.cpp'
-    source.write_text(cx.source_defines(E, P, dtype) + f'#define U_STORE_BULK {int(bulk)}\n'
-                      + '#include "cuda_emulation.h"\n'
+    source.write_text(cx.source_defines(E, P, dtype) + '#include "cuda_emulation.h"\n'
                       + cx.SOURCE.read_text() + DRIVER)
     lib = tmp_path / 'conv_xproj_emulated.so'
     subprocess.run(['g++', '-O1', '-std=c++20', '-pthread', '-shared', '-fPIC',
@@ -41,8 +39,7 @@ def build(tmp_path, E, P, dtype, bulk):
     (1, 130, 192, 48, 4, torch.float16),   # three chunks, Vim-Ti's padded x_proj rows
     (3, 5, 64, 8, 3, torch.bfloat16),      # fewer tokens than the halo, a narrower conv
 ])
-@pytest.mark.parametrize('bulk', [True, False], ids=['u-by-bulk-copies', 'u-by-stores'])
-def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, batch, L, E, P, width, dtype, bulk):
+def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, batch, L, E, P, width, dtype):
     g = torch.Generator().manual_seed(batch * L + E)
     xz = torch.randn(batch, L, 2 * E, generator=g).to(dtype)
     x = xz[..., :E]  # strided rows, as the mixer slices in_proj's output
@@ -53,7 +50,7 @@ def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, batch, L, E, P, widt
     u, xd, args, grid, block = cx.launch(x, taps, bias, x_proj)
     u.fill_(float('nan'))
     xd.fill_(float('nan'))
-    lib = build(tmp_path, E, P, dtype, bulk)
+    lib = build(tmp_path, E, P, dtype)
     c_args = [ctypes.c_void_p(a.data_ptr()) if torch.is_tensor(a) else ctypes.c_int(a)
               for a in args]
     lib.run(grid[0], grid[1], *c_args)

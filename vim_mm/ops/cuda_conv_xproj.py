@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 __all__ = ['conv_xproj_applies', 'conv_xproj', 'stack_conv_weights', 'conv_xproj_reference',
            'conv_xproj_choice', 'source_defines', 'launch', 'TL', 'CC', 'NTH', 'MIN_BLOCKS',
-           'STAGES', 'U_STORE_BULK']
+           'STAGES']
 ENV_VAR = 'VIM_MM_CONV_XPROJ'
 
 
@@ -38,7 +38,6 @@ SOURCE = Path(__file__).with_name('csrc') / 'conv_xproj_fwd.cu'
 TL, CC, NTH = 64, 64, 256  # tokens per block, channels per chunk, threads per block
 MIN_BLOCKS = 2  # blocks per SM that __launch_bounds__ asks registers for
 STAGES = 2  # channel chunks staged: the one computed and STAGES - 1 ahead
-U_STORE_BULK = None  # u leaves by bulk copies (1) or 16-byte stores (0); None: bulk on sm_90+
 WIDTH = 4
 
 
@@ -69,8 +68,6 @@ def conv_xproj_applies(x: torch.Tensor, taps: torch.Tensor, x_proj: torch.Tensor
 def source_defines(E: int, P: int, dtype: torch.dtype) -> str:
     consts = dict(E=E, P=P, FP16=int(dtype == torch.float16), TL=TL, CC=CC, NTH=NTH,
                   MIN_BLOCKS=MIN_BLOCKS, STAGES=STAGES)
-    if U_STORE_BULK is not None:
-        consts['U_STORE_BULK'] = int(U_STORE_BULK)
     return ''.join(f'#define {k} {v}\n' for k, v in consts.items())
 
 

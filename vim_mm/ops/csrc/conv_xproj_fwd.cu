@@ -31,17 +31,8 @@
 //
 // Compile-time constants (prepended by the wrapper): E (channels, a multiple of CC), P (x_proj
 // rows, padded to a multiple of 8), FP16 (16-bit format), TL, CC, NTH (threads per block),
-// U_STORE_BULK (optional: u leaves by bulk copies; by default where the GPU has them),
 // STAGES (chunks staged: this one and STAGES - 1 ahead), MIN_BLOCKS (blocks per SM that the
 // registers must allow).
-
-#ifndef U_STORE_BULK  // bulk copies where the GPU has them (sm_90+)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define U_STORE_BULK 1
-#else
-#define U_STORE_BULK 0
-#endif
-#endif
 
 typedef unsigned short u16;
 typedef long long i64;
@@ -120,33 +111,6 @@ __device__ __forceinline__ void ldmatrix_x2(unsigned (&r)[2], SmemPtr row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
                : "=r"(r[0]), "=r"(r[1]) : "r"(row));
 }
-
-#if U_STORE_BULK
-// sm_90's bulk copies (the TMA engine) from shared to global memory: the shared-memory writes
-// of the generic proxy are made visible to the copies' async proxy by a fence in the writing
-// threads before the barrier; an issuing thread waits for its copies' reads before the buffer
-// is written again.
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
-__device__ __forceinline__ void bulk_store(void* dst, SmemPtr src, int bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-               ::"l"(dst), "r"(src), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void bulk_commit() {
-  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-}
-
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-}
-
-__device__ __forceinline__ void bulk_wait() {
-  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
-}
-#endif
 #endif  // VIM_SCAN_EMULATE
 
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
@@ -254,9 +218,6 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* taps, const float*
     const int c0 = k * CC;
     const Stage& st = s.stage[k % STAGES];
     cp_async_wait<STAGES - 2>();
-#if U_STORE_BULK
-    bulk_wait_read();  // chunk k - 1's u rows have left s.u
-#endif
     __syncthreads();  // chunk k staged; every thread is past chunk k - 1's mma (s.u, its buffer)
     if (k + STAGES - 1 < NCHUNK)  // in flight during this chunk's work
       load_stage(s.stage[(k + STAGES - 1) % STAGES], c0 + (STAGES - 1) * CC, xb, sx_l, wx, taps,
@@ -299,18 +260,6 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* taps, const float*
       *reinterpret_cast<unsigned*>(&s.u[0][tt][2 * cp]) = pack2(yf[0], yf[1]);
       *reinterpret_cast<unsigned*>(&s.u[1][tt][2 * cp]) = pack2(yb[0], yb[1]);
     }
-#if U_STORE_BULK
-    fence_proxy_async();
-    __syncthreads();
-    // 2a. the u tile to global memory, a bulk copy per row (rows past L stay unwritten)
-    for_each_piece<2 * TL>([&](int row) {
-      const int dir = row / TL, tt = row % TL;
-      if (t0 + tt < L)
-        bulk_store(u0 + dir * u_dir + (i64)tt * E + c0, smem_ptr(&s.u[0][0][0] + row * UP),
-                   CC * 2);
-    });
-    bulk_commit();
-#else
     __syncthreads();
     // 2a. the u tile to global memory, 16-byte pieces (rows past L stay unwritten)
     for_each_piece<2 * TL * PIECES>([&](int i) {
@@ -319,7 +268,6 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* taps, const float*
         *reinterpret_cast<uint4*>(u0 + dir * u_dir + (i64)tt * E + c0 + col) =
             *reinterpret_cast<const uint4*>(&s.u[0][0][0] + row * UP + col);
     });
-#endif
     // 2b. xd[mdir, m0 .. m0 + 15, :] += u[mdir, m0 .., chunk] . Wx[mdir, :, chunk]^T, the
     // fragments by ldmatrix (A: lane l gives u row m0 + l % 16 at column 8 (l / 16); B: x_proj
     // row 8 (n + l / 16) + l % 8 at column 8 ((l / 8) % 2), two 8-row tiles per x4)
@@ -343,9 +291,6 @@ vim_conv_xproj(const u16* x, int sx_b, int sx_l, const float* taps, const float*
     }
   }
   // 3. xd through the u tile: rows m0 + g and m0 + g + 8, columns n * 8 + 2 tig, + 1
-#if U_STORE_BULK
-  bulk_wait();  // the last u rows have left s.u (and reached global memory)
-#endif
   __syncthreads();  // every warp is past the last chunk's mma
 #pragma unroll
   for (int n = 0; n < NT8; ++n)
