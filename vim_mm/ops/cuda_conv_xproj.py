@@ -1,12 +1,16 @@
 """Both directions' conv1d + SiLU and x_proj of the Vim mixer in one CUDA C++ kernel (inference).
 
 ``csrc/conv_xproj_fwd.cu``: a block stages TL tokens of x (plus a 3-token halo each side) in
-shared memory, convolves them channel chunk by channel chunk, stores u once, and multiplies each
-chunk's u with x_proj's rows on the tensor cores (mma.sync) from shared memory. The pair it
-replaces (the Triton stream conv, then one batched GEMM) writes u and reads it back.
+shared memory chunk of channels by chunk (the next chunk in flight), convolves them, stores u
+once, and multiplies each chunk's u with x_proj's rows on the tensor cores (mma.sync) from
+shared memory. The pair it replaces (the Triton stream conv, then one batched GEMM) writes u
+and reads it back. H200, bf16, Vim-Ti 16 x 4097 tokens: 68.3 us against the pair's 82.5
+(16 x 6085: 98.7 / 119.7; Vim-S 16 x 4097: 125.6 / 153.8); end to end ~2% more img/s at
+1024 and 1248 px (benchmarks/README.md, "Sixteenth session").
 
 Forward only, 16-bit activations, conv width <= 4, E a multiple of 64: what the mixer has under
-``torch.no_grad()`` with autocast. Compiled by NVRTC at first use like the scan
+``torch.no_grad()`` with autocast, where the CUDA C++ scan runs; the mixer takes it there by
+default (``VIM_MM_CONV_XPROJ=pair`` for the pair). Compiled by NVRTC at first use like the scan
 (``cuda_scan.py``); its logic is checked on the CPU by compiling the same source as C++ with a
 thread per CUDA thread (tests/cuda_emulation.h, tests/test_cuda_conv_xproj_emulated.py).
 """
@@ -35,6 +39,9 @@ def conv_xproj_choice() -> str:
 
 
 SOURCE = Path(__file__).with_name('csrc') / 'conv_xproj_fwd.cu'
+# The H200 sweep's fastest at all three shapes (results/h200_layer_ops_conv_xproj_v7.json;
+# 32 x 64 with 4 blocks per SM 1.4-2.3% slower; 3 stages no faster, v6; registers for 3
+# blocks per SM spill: 41-51% slower):
 TL, CC, NTH = 64, 64, 256  # tokens per block, channels per chunk, threads per block
 MIN_BLOCKS = 2  # blocks per SM that __launch_bounds__ asks registers for
 STAGES = 2  # channel chunks staged: the one computed and STAGES - 1 ahead

@@ -24,10 +24,16 @@
 //      multiplies one 16-token slice of one direction's tile with that direction's staged
 //      x_proj columns (m16n8k16, fp32 accumulators kept over chunks).
 // At the end the accumulators pass through the u tile to leave as 16-byte pieces of xd.
-// History (benchmarks/README.md): e68ac4a stored u and read x_proj by 4-byte global accesses
-// (ncu: L1 79.8% busy, warps stalled on LSU queues; 2.1x slower than the Triton conv + cuBLAS
-// pair); 02990e0 staged all of a block's x rows up front and computed without loads in flight
-// (1.16-1.45x slower than the pair, whatever the tile shape).
+// H200, bf16, 16 x 4097 tokens of Vim-Ti (benchmarks/README.md, "Sixteenth session"): 68.3 us
+// against 82.5 for the Triton conv + one cuBLAS bmm it replaces (98.7 / 119.7 at 16 x 6085).
+// The way there, each step timed: e68ac4a stored u and read x_proj by 4-byte global accesses
+// (2.1x slower than the pair; ncu: L1 79.8% busy, warps stalled on LSU queues); 02990e0 staged
+// all of a block's x rows up front and computed with no loads in flight (96 us at its best
+// tile); two staged chunks with the next one in flight (88 us); copies as compile-time piece
+// loops and taps stacked once per weight update (76 us); ldmatrix fragments (74.6 us); halved
+// taps, so the SiLU needs no multiply (73.3 us); taps in registers once per chunk and 64
+// tokens per block (68.9 us). Measured slower and removed: three stages (less occupancy), the
+// conv in two passes over a thread's tokens, u leaving by sm_90 bulk copies (79.1 us, 553cf17).
 //
 // Compile-time constants (prepended by the wrapper): E (channels, a multiple of CC), P (x_proj
 // rows, padded to a multiple of 8), FP16 (16-bit format), TL, CC, NTH (threads per block),
