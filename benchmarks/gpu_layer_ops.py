@@ -90,15 +90,16 @@ def use_tile(tile: str):
     """Sets the fused conv + x_proj kernel's tokens per block, channels per chunk and,
     optionally, the blocks per SM its registers are bounded for and the chunks staged
     ('TLxCC[xMIN_BLOCKS[xSTAGES]]'; NTH = 4 TL threads: a warp per 16-token slice and
-    direction) and drops compiled kernels."""
+    direction): ``cuda_conv_xproj.TILE``, which overrides the per-shape choice ('auto')."""
     from vim_mm.ops import cuda_conv_xproj as cx
-    cx.TL, cx.CC, *more = (int(v) for v in tile.split('x'))
-    cx.MIN_BLOCKS, cx.STAGES = (more + [2, 2][len(more):])[:2]
-    cx.NTH = 4 * cx.TL
-    cx._kernels.clear()
+    if tile == 'auto':
+        cx.TILE = None
+        return
+    tokens, channels, *more = (int(v) for v in tile.split('x'))
+    cx.TILE = cx.Tile(tokens, channels, *(more + [2, 2][len(more):])[:2])
 
 
-def time_conv_xproj(rows, name, batch, L, E, tiles=('64x64',)):
+def time_conv_xproj(rows, name, batch, L, E, tiles=('auto',)):
     """The fused conv + x_proj kernel (``cuda_conv_xproj``), per tile shape, against the pair it
     replaces: the stream conv, then one bmm (what the mixer runs), all checked against the fp32
     twin."""
@@ -155,9 +156,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--ops', nargs='+', default=['conv', 'x_proj', 'norm'])
     parser.add_argument('--shapes', type=int, default=len(SHAPES), help='the first N shapes')
-    parser.add_argument('--tiles', nargs='+', default=['64x64'],
-                        help="conv_xproj's tile shapes: TLxCC[xMIN_BLOCKS[xSTAGES]], tokens x "
-                        "channels")
+    parser.add_argument('--tiles', nargs='+', default=['auto'],
+                        help="conv_xproj's tile shapes: TLxCC[xMIN_BLOCKS[xSTAGES]] (tokens x "
+                        "channels) or auto (the kernel's choice per shape)")
     parser.add_argument('--out')
     args = parser.parse_args()
     torch.manual_seed(0)

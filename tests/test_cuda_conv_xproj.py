@@ -18,17 +18,29 @@ RESERVED_SMEM = 1024
 
 @pytest.mark.parametrize('E, P', [(384, 48), (768, 56)])  # Vim-Ti, Vim-S (x_proj rows padded)
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_kernel_compiles_for_vim_within_the_blocks_per_sm(E, P, dtype):
+@pytest.mark.parametrize('tile', [cx.WIDE, cx.NARROW], ids=['wide', 'narrow'])
+def test_kernel_compiles_for_vim_within_the_blocks_per_sm(E, P, dtype, tile):
     try:
         from torch.cuda._utils import _nvrtc_compile
-        cubin, _ = _nvrtc_compile(cx.source_defines(E, P, dtype) + cx.SOURCE.read_text(),
+        cubin, _ = _nvrtc_compile(cx.source_defines(E, P, dtype, tile) + cx.SOURCE.read_text(),
                                   'vim_conv_xproj', '90')
     except (ImportError, RuntimeError, OSError) as exc:
         if 'error' in str(exc) and 'vim_conv_xproj' in str(exc):
             raise
         pytest.skip(f'NVRTC unavailable: {exc!r}')
     assert b'vim_conv_xproj' in cubin
-    assert cx.MIN_BLOCKS * (cx.smem_bytes(E, P) + RESERVED_SMEM) <= SM_SHARED_BYTES
+    assert tile.min_blocks * (cx.smem_bytes(E, P, tile) + RESERVED_SMEM) <= SM_SHARED_BYTES
+
+
+def test_the_wide_tile_where_its_grid_fills_every_sm_twice(monkeypatch):
+    monkeypatch.setattr(cx, 'TILE', None)
+    assert cx.tile_for(16, 4097, 132) == cx.WIDE       # 1024 px b16: 1040 blocks
+    assert cx.tile_for(128, 197, 132) == cx.WIDE       # 224 px b128: 512
+    assert cx.tile_for(1, 4097, 132) == cx.NARROW      # 1024 px b1: 65 blocks of 64 tokens
+    assert cx.tile_for(2, 8193, 132) == cx.NARROW      # 258 < 264
+    assert cx.tile_for(2, 8193, 128) == cx.WIDE
+    monkeypatch.setattr(cx, 'TILE', cx.NARROW)         # the benchmarks' override
+    assert cx.tile_for(16, 4097, 132) == cx.NARROW
 
 
 def test_choice_is_read_from_the_environment(monkeypatch):
@@ -64,7 +76,7 @@ def test_stacked_weights_are_halved_and_the_twin_is_the_conv_then_x_proj(width):
 
 
 def test_wider_convs_are_kept_and_refused():
-    E = cx.CC  # what the kernel would take but for the width
+    E = cx.CHANNELS  # what the kernel would take but for the width
     w = torch.randn(E, 1, 5)
     taps, bias = cx.stack_conv_weights(w, torch.zeros(E), w, torch.zeros(E))
     assert taps.shape[-1] == 5  # not cut to the kernel's width

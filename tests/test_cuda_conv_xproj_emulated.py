@@ -1,7 +1,7 @@
 """The fused conv + x_proj CUDA C++ kernel's logic on the CPU (tests/cuda_emulation.h: a
 std::thread per CUDA thread, mma.sync emulated per warp), against its fp32 PyTorch twin: the
 halo at both ends, partial blocks of tokens, several channel chunks, both directions, padded
-x_proj rows and a strided x (in_proj's x half), bf16 and fp16."""
+x_proj rows and a strided x (in_proj's x half), bf16 and fp16, both tiles."""
 import ctypes
 import shutil
 import subprocess
@@ -21,11 +21,11 @@ extern "C" void run(unsigned gx, unsigned gy, const u16* x, int sx_b, int sx_l, 
 '''
 
 
-def build(tmp_path, E, P, dtype):
+def build(tmp_path, E, P, dtype, tile):
     if shutil.which('g++') is None:
         pytest.skip('needs g++')
     source = tmp_path / 'conv_xproj_emulated.cpp'
-    source.write_text(cx.source_defines(E, P, dtype) + '#include "cuda_emulation.h"\n'
+    source.write_text(cx.source_defines(E, P, dtype, tile) + '#include "cuda_emulation.h"\n'
                       + cx.SOURCE.read_text() + DRIVER)
     lib = tmp_path / 'conv_xproj_emulated.so'
     subprocess.run(['g++', '-O1', '-std=c++20', '-pthread', '-shared', '-fPIC',
@@ -39,7 +39,8 @@ def build(tmp_path, E, P, dtype):
     (1, 130, 192, 48, 4, torch.float16),   # three chunks, Vim-Ti's padded x_proj rows
     (3, 5, 64, 8, 3, torch.bfloat16),      # fewer tokens than the halo, a narrower conv
 ])
-def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, batch, L, E, P, width, dtype):
+@pytest.mark.parametrize('tile', [cx.WIDE, cx.NARROW], ids=['wide', 'narrow'])
+def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, batch, L, E, P, width, dtype, tile):
     g = torch.Generator().manual_seed(batch * L + E)
     xz = torch.randn(batch, L, 2 * E, generator=g).to(dtype)
     x = xz[..., :E]  # strided rows, as the mixer slices in_proj's output
@@ -47,10 +48,10 @@ def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, batch, L, E, P, widt
     b_f, b_b = (torch.randn(E, generator=g) * 0.1 for _ in range(2))
     x_proj = (torch.randn(2, P, E, generator=g) * E ** -0.5).to(dtype)
     taps, bias = cx.stack_conv_weights(w_f, b_f, w_b, b_b)
-    u, xd, args, grid, block = cx.launch(x, taps, bias, x_proj)
+    u, xd, args, grid, block = cx.launch(x, taps, bias, x_proj, tile)
     u.fill_(float('nan'))
     xd.fill_(float('nan'))
-    lib = build(tmp_path, E, P, dtype)
+    lib = build(tmp_path, E, P, dtype, tile)
     c_args = [ctypes.c_void_p(a.data_ptr()) if torch.is_tensor(a) else ctypes.c_int(a)
               for a in args]
     lib.run(grid[0], grid[1], *c_args)

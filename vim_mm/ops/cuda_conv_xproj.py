@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ['conv_xproj_applies', 'conv_xproj', 'stack_conv_weights', 'conv_xproj_reference',
-           'conv_xproj_choice', 'source_defines', 'launch', 'TL', 'CC', 'NTH', 'MIN_BLOCKS',
-           'STAGES']
+           'conv_xproj_choice', 'source_defines', 'launch', 'Tile', 'WIDE', 'NARROW', 'tile_for']
 ENV_VAR = 'VIM_MM_CONV_XPROJ'
 
 
@@ -39,13 +39,40 @@ def conv_xproj_choice() -> str:
 
 
 SOURCE = Path(__file__).with_name('csrc') / 'conv_xproj_fwd.cu'
-# The H200 sweep's fastest at all three shapes (results/h200_layer_ops_conv_xproj_v7.json;
-# 32 x 64 with 4 blocks per SM 1.4-2.3% slower; 3 stages no faster, v6; registers for 3
-# blocks per SM spill: 41-51% slower):
-TL, CC, NTH = 64, 64, 256  # tokens per block, channels per chunk, threads per block
-MIN_BLOCKS = 2  # blocks per SM that __launch_bounds__ asks registers for
-STAGES = 2  # channel chunks staged: the one computed and STAGES - 1 ahead
 WIDTH = 4
+
+
+class Tile(NamedTuple):
+    """A block's work: ``tokens`` of one sequence, walked ``channels`` at a time, with
+    registers for ``min_blocks`` blocks per SM and ``stages`` chunks staged (the one computed
+    and the next ones). A warp per 16-token slice and direction: 4 x tokens threads."""
+    tokens: int
+    channels: int
+    min_blocks: int
+    stages: int = 2
+
+    @property
+    def threads(self) -> int:
+        return 4 * self.tokens
+
+
+# The H200 sweep's fastest at 16 x 4097 and 16 x 6085 tokens, Vim-Ti and Vim-S
+# (results/h200_layer_ops_conv_xproj_v7.json; 3 stages no faster, v6; registers for 3 blocks
+# per SM spill: 41-51% slower).
+WIDE = Tile(64, 64, 2)
+# Twice the blocks, for grids WIDE leaves short of two blocks per SM (1024 px batch 1: 65
+# blocks for 132 SMs); 1.4-2.3% slower than WIDE where both fill the GPU (same sweep).
+NARROW = Tile(32, 64, 4)
+TILE: Tile | None = None  # forces a tile (benchmarks); None: tile_for's choice
+CHANNELS = 64  # E must be a multiple of this (both tiles' chunk)
+
+
+def tile_for(batch: int, L: int, sms: int) -> Tile:
+    """WIDE where its grid gives every one of ``sms`` SMs its two blocks, else NARROW (or
+    :data:`TILE` where set)."""
+    if TILE is not None:
+        return TILE
+    return WIDE if batch * math.ceil(L / WIDE.tokens) >= WIDE.min_blocks * sms else NARROW
 
 
 def conv_xproj_applies(x: torch.Tensor, taps: torch.Tensor, x_proj: torch.Tensor) -> str | None:
@@ -60,8 +87,9 @@ def conv_xproj_applies(x: torch.Tensor, taps: torch.Tensor, x_proj: torch.Tensor
     if x.dtype not in (torch.bfloat16, torch.float16) or x_proj.dtype != x.dtype:
         return f'needs bf16/fp16 activations and x_proj rows of their dtype (got {x.dtype})'
     E = x.shape[-1]
-    if E % CC or x_proj.shape[-1] != E or x_proj.shape[1] % 8 or x_proj.shape[0] != 2:
-        return f'needs E a multiple of {CC} and (2, P, E) x_proj rows with P a multiple of 8'
+    if E % CHANNELS or x_proj.shape[-1] != E or x_proj.shape[1] % 8 or x_proj.shape[0] != 2:
+        return (f'needs E a multiple of {CHANNELS} and (2, P, E) x_proj rows with P a multiple '
+                'of 8')
     if taps.shape[-1] != WIDTH:
         return f'needs conv widths <= {WIDTH}'
     if not (x.stride(-1) == 1 and x.stride(1) % 8 == 0 and x.stride(0) % 8 == 0
@@ -72,18 +100,19 @@ def conv_xproj_applies(x: torch.Tensor, taps: torch.Tensor, x_proj: torch.Tensor
     return None
 
 
-def source_defines(E: int, P: int, dtype: torch.dtype) -> str:
-    consts = dict(E=E, P=P, FP16=int(dtype == torch.float16), TL=TL, CC=CC, NTH=NTH,
-                  MIN_BLOCKS=MIN_BLOCKS, STAGES=STAGES)
+def source_defines(E: int, P: int, dtype: torch.dtype, tile: Tile = WIDE) -> str:
+    consts = dict(E=E, P=P, FP16=int(dtype == torch.float16), TL=tile.tokens, CC=tile.channels,
+                  NTH=tile.threads, MIN_BLOCKS=tile.min_blocks, STAGES=tile.stages)
     return ''.join(f'#define {k} {v}\n' for k, v in consts.items())
 
 
-def smem_bytes(E: int, P: int) -> int:
-    """The kernel's Smem: STAGES stages (a chunk's TL + 6 x rows of CC channels and (2, P, CC + 8)
-    x_proj columns, 16-bit; its (2, CC) conv taps (4 each) and biases, fp32) and the (2, TL,
-    CC + 8) u tile, 16-bit."""
+def smem_bytes(E: int, P: int, tile: Tile = WIDE) -> int:
+    """The kernel's Smem: tile.stages stages (a chunk's TL + 6 x rows of CC channels and (2, P,
+    CC + 8) x_proj columns, 16-bit; its (2, CC) conv taps (4 each) and biases, fp32) and the
+    (2, TL, CC + 8) u tile, 16-bit (TL, CC: the tile's tokens and channels)."""
+    TL, CC = tile.tokens, tile.channels
     stage = (TL + 6) * CC * 2 + 2 * P * (CC + 8) * 2 + 2 * CC * 5 * 4
-    return STAGES * stage + 2 * TL * (CC + 8) * 2
+    return tile.stages * stage + 2 * TL * (CC + 8) * 2
 
 
 def stack_conv_weights(w_f, b_f, w_b, b_b):
@@ -98,26 +127,27 @@ def stack_conv_weights(w_f, b_f, w_b, b_b):
     return 0.5 * taps, 0.5 * torch.stack([b_f.float(), b_b.float()])
 
 
-def launch(x, taps, bias, x_proj):
-    """(u (2, batch, L, E), xd (2, batch, L, P), kernel arguments, grid, block) for these inputs."""
+def launch(x, taps, bias, x_proj, tile: Tile):
+    """(u (2, batch, L, E), xd (2, batch, L, P), kernel arguments, grid, block) for these inputs
+    and that tile."""
     batch, L, E = x.shape
     P = x_proj.shape[1]
     u = torch.empty(2, batch, L, E, dtype=x.dtype, device=x.device)
     xd = torch.empty(2, batch, L, P, dtype=x.dtype, device=x.device)
     args = [x, x.stride(0), x.stride(1), taps.contiguous(), bias.contiguous(),
             x_proj.contiguous(), u, xd, batch, L]
-    return u, xd, args, (math.ceil(L / TL), batch, 1), (NTH, 1, 1)
+    return u, xd, args, (math.ceil(L / tile.tokens), batch, 1), (tile.threads, 1, 1)
 
 
 _kernels: dict = {}
 
 
-def _compile(E: int, P: int, dtype: torch.dtype):
-    key = (E, P, dtype, torch.cuda.current_device())
+def _compile(E: int, P: int, dtype: torch.dtype, tile: Tile):
+    key = (E, P, dtype, tile, torch.cuda.current_device())
     if key not in _kernels:
-        kernel = torch.cuda._compile_kernel(source_defines(E, P, dtype) + SOURCE.read_text(),
-                                            'vim_conv_xproj')
-        kernel.set_shared_memory_config(smem_bytes(E, P))
+        kernel = torch.cuda._compile_kernel(
+            source_defines(E, P, dtype, tile) + SOURCE.read_text(), 'vim_conv_xproj')
+        kernel.set_shared_memory_config(smem_bytes(E, P, tile))
         _kernels[key] = kernel
     return _kernels[key]
 
@@ -129,10 +159,13 @@ def conv_xproj(x, taps, bias, x_proj):
     why_not = conv_xproj_applies(x, taps, x_proj)
     if why_not:
         raise ValueError(f'conv_xproj: {why_not}')
-    u, xd, args, grid, block = launch(x, taps, bias, x_proj)
+    E, P = x.shape[-1], x_proj.shape[1]
+    tile = tile_for(x.shape[0], x.shape[1],
+                    torch.cuda.get_device_properties(x.device).multi_processor_count)
+    u, xd, args, grid, block = launch(x, taps, bias, x_proj, tile)
     if x.shape[0] * x.shape[1]:
-        _compile(x.shape[-1], x_proj.shape[1], x.dtype)(
-            grid=grid, block=block, args=args, shared_mem=smem_bytes(x.shape[-1], x_proj.shape[1]))
+        _compile(E, P, x.dtype, tile)(grid=grid, block=block, args=args,
+                                      shared_mem=smem_bytes(E, P, tile))
     return u, xd
 
 
