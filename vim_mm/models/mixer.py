@@ -117,7 +117,7 @@ class BiMambaMixer(nn.Module):
                                            if not name.startswith(('in_proj.', 'out_proj.')))))
         fused = w = None
         if inference and not needs_grad:
-            fused, w = self._fused_conv_xproj(x, z, conv_params, cached, dtype)
+            fused, w = self._fused_conv_xproj(x, z, cached, dtype)
         if fused is not None:
             us, x2 = fused
         else:
@@ -229,7 +229,7 @@ class BiMambaMixer(nn.Module):
             self._inference_weights(device, dtype, force)
         return cache.generation != generation
 
-    def _fused_conv_xproj(self, x, z, conv_params, cached, dtype):
+    def _fused_conv_xproj(self, x, z, cached, dtype):
         """((u, x_dbl), the inference weights) from the fused conv + x_proj kernel
         (``vim_mm/ops/cuda_conv_xproj.py``) where it and the CUDA C++ scan apply (x has u's
         shape and dtype) and $VIM_MM_CONV_XPROJ is not 'pair'; else (None, weights or None):
