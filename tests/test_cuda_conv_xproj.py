@@ -22,8 +22,8 @@ RESERVED_SMEM = 1024
 def test_kernel_compiles_for_vim_within_the_blocks_per_sm(E, P, dtype, tile):
     try:
         from torch.cuda._utils import _nvrtc_compile
-        cubin, _ = _nvrtc_compile(cx.source_defines(E, P, dtype, tile) + cx.SOURCE.read_text(),
-                                  'vim_conv_xproj', '90')
+        source = cx.source_defines(E, P, dtype, tile) + cx.kernel_text(cx.SOURCE)
+        cubin, _ = _nvrtc_compile(source, 'vim_conv_xproj', '90')
     except (ImportError, RuntimeError, OSError) as exc:
         if 'error' in str(exc) and 'vim_conv_xproj' in str(exc):
             raise

@@ -26,7 +26,7 @@ def build(tmp_path, E, P, dtype, tile):
         pytest.skip('needs g++')
     source = tmp_path / 'conv_xproj_emulated.cpp'
     source.write_text(cx.source_defines(E, P, dtype, tile) + '#include "cuda_emulation.h"\n'
-                      + cx.SOURCE.read_text() + DRIVER)
+                      + cx.kernel_text(cx.SOURCE) + DRIVER)
     lib = tmp_path / 'conv_xproj_emulated.so'
     subprocess.run(['g++', '-O1', '-std=c++20', '-pthread', '-shared', '-fPIC',
                     '-Wno-unknown-pragmas', f'-I{HERE}', str(source), '-o', str(lib)],

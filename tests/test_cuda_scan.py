@@ -52,7 +52,7 @@ def test_kernels_compile_with_the_budgeted_shared_memory(preset, fp16, plan):
     cfg = fitted(base, d_state, dt_rank)
     dtype = torch.float16 if fp16 else torch.bfloat16
     source = (cuda_scan.source_defines(d_state, dt_rank, dtype, cfg, 'vim_scan_final')
-              + cuda_scan.SOURCE.read_text())
+              + cuda_scan.kernel_text(cuda_scan.SOURCE))
     cubin, name = compile_(source, 'vim_scan_final', '90')
     sections = elf_sections(cubin)
     budget = shared_bytes(d_state, dt_rank, cfg, cfg.stages)
@@ -78,7 +78,7 @@ def test_dynamic_shared_memory_takes_tiles_past_48_kb():
     assert cuda_scan.launch_smem(d_state, dt_rank, cfg) == budget
     assert cuda_scan.launch_smem(d_state, dt_rank, fitted(big, d_state, dt_rank)) == 0
     source = (cuda_scan.source_defines(d_state, dt_rank, torch.bfloat16, cfg, 'vim_scan_final')
-              + cuda_scan.SOURCE.read_text())
+              + cuda_scan.kernel_text(cuda_scan.SOURCE))
     cubin, _ = compile_(source, 'vim_scan_final', '90')
     sections = elf_sections(cubin)
     for kernel in ('vim_scan_final', 'vim_scan_summary'):

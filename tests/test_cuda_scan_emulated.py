@@ -34,7 +34,8 @@ def build(tmp_path, d_state, dt_rank, dtype, cfg):
         pytest.skip('needs g++')
     source = tmp_path / 'scan_emulated.cpp'
     source.write_text(source_defines(d_state, dt_rank, dtype, cfg, 'vim_scan_final')
-                      + '#include "cuda_emulation.h"\n' + cuda_scan.SOURCE.read_text() + DRIVER)
+                      + '#include "cuda_emulation.h"\n' + cuda_scan.kernel_text(cuda_scan.SOURCE)
+                      + DRIVER)
     lib = tmp_path / 'scan_emulated.so'
     subprocess.run(['g++', '-O1', '-std=c++20', '-pthread', '-shared', '-fPIC',
                     '-Wno-unknown-pragmas', f'-I{HERE}', str(source), '-o', str(lib)],

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .cuda_scan import kernel_text
+
 __all__ = ['conv_xproj_applies', 'conv_xproj', 'stack_conv_weights', 'conv_xproj_reference',
            'conv_xproj_choice', 'source_defines', 'launch', 'Tile', 'WIDE', 'NARROW', 'tile_for']
 ENV_VAR = 'VIM_MM_CONV_XPROJ'
@@ -146,7 +148,7 @@ def _compile(E: int, P: int, dtype: torch.dtype, tile: Tile):
     key = (E, P, dtype, tile, torch.cuda.current_device())
     if key not in _kernels:
         kernel = torch.cuda._compile_kernel(
-            source_defines(E, P, dtype, tile) + SOURCE.read_text(), 'vim_conv_xproj')
+            source_defines(E, P, dtype, tile) + kernel_text(SOURCE), 'vim_conv_xproj')
         kernel.set_shared_memory_config(smem_bytes(E, P, tile))
         _kernels[key] = kernel
     return _kernels[key]

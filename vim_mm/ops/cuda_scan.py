@@ -43,6 +43,19 @@ __all__ = ['InferScanConfig', 'infer_scan_choice', 'cuda_scan_applies', 'layout_
            'launch_plan', 'bidirectional_scan_infer', 'bidirectional_scan_infer_reference']
 
 SOURCE = Path(__file__).with_name('csrc') / 'bimamba_scan_fwd.cu'
+HELPERS = SOURCE.with_name('ptx_helpers.cuh')  # PTX helpers shared with cuda_conv_xproj
+
+
+def kernel_text(source: Path) -> str:
+    """A kernel file with the PTX helpers it shares (``csrc/ptx_helpers.cuh``) in front: NVRTC
+    compiles it as one program. Files from before the helpers were shared (a scan source of
+    an older commit, e.g. in ``benchmarks/gpu_infer_scan.py --ab``) carry their own."""
+    text = Path(source).read_text()
+    if 'float to_f32(u16 v) {' in text:  # self-contained
+        return text
+    return HELPERS.read_text() + text
+
+
 ENV_VAR = 'VIM_MM_INFER_SCAN'
 CHOICES = ('auto', 'triton', 'cuda')
 
@@ -256,7 +269,7 @@ def _compile(d_state: int, dt_rank: int, dtype: torch.dtype, cfg: InferScanConfi
     if key not in _kernels:
         kernels = tuple(
             torch.cuda._compile_kernel(source_defines(d_state, dt_rank, dtype, cfg, name)
-                                       + SOURCE.read_text(), name)
+                                       + kernel_text(SOURCE), name)
             for name in ('vim_scan_final', 'vim_scan_summary'))
         if cfg.dynamic_smem:  # the attribute a launch with more than 48 KB needs
             for kernel in kernels:

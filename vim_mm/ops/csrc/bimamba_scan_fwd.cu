@@ -58,9 +58,6 @@
 // Three barriers per tile instead of four, the next tile converted with this tile's output step
 // (commit a3c4778): 0.6% slower at 16 x 4097 (results/h200_infer_scan_v18_ab.json).
 
-typedef unsigned short u16;
-typedef long long i64;
-
 // x_dbl rows are copied in XV-byte pieces (16 where the rows are 16-byte aligned and padded, as
 // the mixer makes them; else 8): XWP elements of each row are staged. The fp32 copy of a tile
 // drops the staging pad past whole float4s, [dt | B | C | pad to 4] (Vim: 44 of 48, which lets
@@ -88,29 +85,9 @@ typedef long long i64;
 static_assert(NS % 4 == 0 && R % 4 == 0 && NS % SPLIT == 0 && 32 % SPLIT == 0,
               "vim_scan: NS and R must be multiples of 4, SPLIT divide NS and 32");
 
-// The PTX helpers; tests/cuda_emulation.h gives C++ versions of the same to run the kernels'
-// logic on the CPU (VIM_SCAN_EMULATE, in the tests only).
+// The scan's own PTX helpers (the shared ones, u16, to_f32, cp_async, ...: ptx_helpers.cuh, put
+// in front of this file by the wrapper); tests/cuda_emulation.h has their C++ versions.
 #ifndef VIM_SCAN_EMULATE
-__device__ __forceinline__ float to_f32(u16 v) {
-#if FP16
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-  return f;
-#else
-  return __uint_as_float(((unsigned)v) << 16);
-#endif
-}
-
-__device__ __forceinline__ u16 from_f32(float f) {
-  u16 v;
-#if FP16
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
-#else
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
-#endif
-  return v;
-}
-
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -121,43 +98,6 @@ __device__ __forceinline__ float lg2(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-}
-
-// one MUFU op for the gate's sigmoid where ex2 + rcp took two (max relative error 2^-10.99;
-// the gated output is rounded to 16 bits after it: H200, tenth session, 0.5-4% faster per call)
-__device__ __forceinline__ float tanh_approx(float x) {
-  float y;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// A shared-memory address as cp.async takes it (the emulation's is a plain pointer).
-typedef unsigned SmemPtr;
-__device__ __forceinline__ SmemPtr smem_ptr(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-template <int BYTES>
-__device__ __forceinline__ void cp_async(SmemPtr dst, const void* src, bool valid) {
-  // zero-fills the destination when !valid (src is then never read)
-  const int n = valid ? BYTES : 0;
-  if (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst),
-                 "l"(src), "r"(n) : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst),
-                 "l"(src), "n"(BYTES), "r"(n) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 #endif  // VIM_SCAN_EMULATE
 

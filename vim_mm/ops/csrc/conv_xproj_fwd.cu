@@ -40,59 +40,9 @@
 // STAGES (chunks staged: this one and STAGES - 1 ahead), MIN_BLOCKS (blocks per SM that the
 // registers must allow).
 
-typedef unsigned short u16;
-typedef long long i64;
-
+// The shared PTX helpers (u16, to_f32, cp_async, ...): ptx_helpers.cuh, put in front of this
+// file by the wrapper; this kernel's own follow (tests/cuda_emulation.h: their C++ versions).
 #ifndef VIM_SCAN_EMULATE
-__device__ __forceinline__ float to_f32(u16 v) {
-#if FP16
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-  return f;
-#else
-  return __uint_as_float(((unsigned)v) << 16);
-#endif
-}
-
-__device__ __forceinline__ u16 from_f32(float f) {
-  u16 v;
-#if FP16
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
-#else
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
-#endif
-  return v;
-}
-
-__device__ __forceinline__ float tanh_approx(float x) {
-  float y;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-typedef unsigned SmemPtr;
-__device__ __forceinline__ SmemPtr smem_ptr(const void* p) {
-  unsigned a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-template <int BYTES>
-__device__ __forceinline__ void cp_async(SmemPtr dst, const void* src, bool valid) {
-  const int n = valid ? BYTES : 0;  // zero-fills when !valid (src is then never read)
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
                                           const unsigned (&b)[2]) {
 #if FP16
