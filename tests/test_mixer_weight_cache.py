@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vim_mm.models.mixer import BiMambaMixer
-from vim_mm.ops import cuda_scan, triton_conv
+from vim_mm.ops import cuda_conv_xproj, cuda_scan, triton_conv
 
 CPU = torch.device('cpu')
 
@@ -276,6 +276,30 @@ def test_cpp_scan_branch_is_bit_identical_and_copies_nothing(fake_scan, mode):
         # _direction's .float().contiguous() hands the cached tensors on: no copy kernels
         assert [t.data_ptr() for t in direction_args] == [
             t.data_ptr() for t in (*cached.fwd.values(), *cached.bwd.values())]
+
+
+def test_cpp_scan_branch_takes_the_fused_conv_xproj_where_it_applies(fake_scan, monkeypatch):
+    """The branch hands the fused kernel x (in_proj's strided half) and the cached halved conv
+    weights, and reads its (u, x_proj output) as it read the pair's; 'pair' skips it. The
+    kernel is its fp32 twin here (rounded like the kernel's 16-bit outputs)."""
+    calls = []
+
+    def fused(x, taps, bias, x_proj):
+        calls.append((x.stride(), taps.dtype))
+        return [t.to(x.dtype) for t in cuda_conv_xproj.conv_xproj_reference(x, taps, bias,
+                                                                             x_proj)]
+    monkeypatch.setattr(cuda_conv_xproj, 'conv_xproj_applies', lambda *args: None)
+    monkeypatch.setattr(cuda_conv_xproj, 'conv_xproj', fused)
+    mixer = make_mixer()
+    h = torch.randn(2, 13, 16)
+    outs = {}
+    for choice in ('pair', 'fused'):
+        monkeypatch.setenv(cuda_conv_xproj.ENV_VAR, choice)
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            outs[choice] = mixer.forward_triton(h).float()
+    E = mixer.d_inner
+    assert calls == [((13 * 2 * E, 2 * E, 1), torch.float32)]  # once, in the fused run
+    torch.testing.assert_close(outs['fused'], outs['pair'], atol=2e-2, rtol=2e-2)
 
 
 def test_no_cache_when_gradients_are_needed(fake_scan):

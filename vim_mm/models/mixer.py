@@ -115,29 +115,17 @@ class BiMambaMixer(nn.Module):
         inference = not grads or not any(  # nothing the scan reads needs a grad
             t.requires_grad for t in (x, *(p for name, p in self.named_parameters()
                                            if not name.startswith(('in_proj.', 'out_proj.')))))
-        fused = w = None
-        if inference and not needs_grad:
-            fused, w = self._fused_conv_xproj(x, z, cached, dtype)
-        if fused is not None:
-            us, x2 = fused
-        else:
-            conv = bidirectional_conv_torch if needs_grad else bidirectional_conv
-            us = conv(x, *conv_params)
-        if inference and (fused is not None or self._use_cuda_scan(us[0], z)):
+        if inference and self._use_cuda_scan(x, z):  # (u will have x's shape and dtype)
             from ..ops.cuda_scan import bidirectional_scan_infer
-            if w is None:
-                w = self._derive_weights(dtype) if cached is None else cached  # grads: out_proj's
-            width = R + 2 * N  # x_proj's rows padded to 16 bytes: cuBLAS's fast GEMMs need it
-            if fused is None:
-                # both directions' x_proj as one batched GEMM over the Triton conv's stacked
-                # (2, B, L, E) output (no gradient here, so the conv was the Triton one); H200,
-                # 16 x 4097 tokens: 38.5-39.6 us against 43.3 for two F.linear
-                x2 = torch.bmm(us.flatten(1, 2), w.x_proj.transpose(1, 2)).unflatten(
-                    1, us.shape[1:3])
-            x_dbls = [x[..., :width] for x in x2]  # [dt | B | C]
+            w = self._derive_weights(dtype) if cached is None else cached  # grads: out_proj's
+            us, x2 = self._conv_xproj(x, conv_params, w)
+            # [dt | B | C]: x_proj's rows are padded to 16 bytes (cuBLAS's fast GEMMs need it)
+            x_dbls = [d[..., :R + 2 * N] for d in x2]
             y = bidirectional_scan_infer(us[0], x_dbls[0], us[1], x_dbls[1], z, w.fwd, w.bwd)
             # y = [y_fwd, y_bwd] (gated, halved): out_proj over [W, W] adds the directions
             return F.linear(y, w.out_proj, self.out_proj.bias)
+        conv = bidirectional_conv_torch if needs_grad else bidirectional_conv
+        us = conv(x, *conv_params)
         fwd, bwd = self.direction_params(''), self.direction_params('_b')
         pad = -(2 * N + R) % 16
         args = []
@@ -229,18 +217,19 @@ class BiMambaMixer(nn.Module):
             self._inference_weights(device, dtype, force)
         return cache.generation != generation
 
-    def _fused_conv_xproj(self, x, z, cached, dtype):
-        """((u, x_dbl), the inference weights) from the fused conv + x_proj kernel
-        (``vim_mm/ops/cuda_conv_xproj.py``) where it and the CUDA C++ scan apply (x has u's
-        shape and dtype) and $VIM_MM_CONV_XPROJ is not 'pair'; else (None, weights or None):
-        the Triton conv, then one batched GEMM."""
+    def _conv_xproj(self, x, conv_params, w: InferenceWeights):
+        """The C++-scan branch's u (2, B, L, E) and x_proj outputs (2, B, L, padded rows): the
+        fused CUDA C++ kernel (``vim_mm/ops/cuda_conv_xproj.py``; H200, 16 x 4097 tokens: 68
+        us) where it applies and $VIM_MM_CONV_XPROJ is not 'pair'; else the Triton conv (no
+        gradient here), then both x_proj as one batched GEMM (83 us together; 38.5-39.6 us for
+        the GEMM against 43.3 for two F.linear)."""
         from ..ops.cuda_conv_xproj import conv_xproj, conv_xproj_applies, conv_xproj_choice
-        if conv_xproj_choice() != 'fused' or not self._use_cuda_scan(x, z):
-            return None, None
-        w = self._derive_weights(dtype) if cached is None else cached
-        if conv_xproj_applies(x, w.conv_taps, w.x_proj):
-            return None, w
-        return conv_xproj(x, w.conv_taps, w.conv_bias, w.x_proj), w
+        from ..ops.triton_conv import bidirectional_conv
+        if conv_xproj_choice() == 'fused' and not conv_xproj_applies(x, w.conv_taps, w.x_proj):
+            return conv_xproj(x, w.conv_taps, w.conv_bias, w.x_proj)
+        us = bidirectional_conv(x, *conv_params)
+        return us, torch.bmm(us.flatten(1, 2), w.x_proj.transpose(1, 2)).unflatten(
+            1, us.shape[1:3])
 
     def _use_cuda_scan(self, u, z) -> bool:
         """Whether inference takes the CUDA C++ scan (faster than the Triton scan on every
