@@ -3,35 +3,19 @@ std::thread per CUDA thread, mma.sync emulated per warp), against its fp32 PyTor
 halo at both ends, partial blocks of tokens, several channel chunks, both directions, padded
 x_proj rows and a strided x (in_proj's x half), bf16 and fp16, both tiles."""
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from _cuda_host import build_emulated
 
 from vim_mm.ops import cuda_conv_xproj as cx
 
-HERE = Path(__file__).parent
 DRIVER = r'''
 extern "C" void run(unsigned gx, unsigned gy, const u16* x, int sx_b, int sx_l, const float* taps,
                     const float* bias, const u16* wx, u16* u, u16* xd, int batch, int L) {
   emulate(vim_conv_xproj, gx, gy, 1, NTH, x, sx_b, sx_l, taps, bias, wx, u, xd, batch, L);
 }
 '''
-
-
-def build(tmp_path, E, P, dtype, tile):
-    if shutil.which('g++') is None:
-        pytest.skip('needs g++')
-    source = tmp_path / 'conv_xproj_emulated.cpp'
-    source.write_text(cx.source_defines(E, P, dtype, tile) + '#include "cuda_emulation.h"\n'
-                      + cx.kernel_text(cx.SOURCE) + DRIVER)
-    lib = tmp_path / 'conv_xproj_emulated.so'
-    subprocess.run(['g++', '-O1', '-std=c++20', '-pthread', '-shared', '-fPIC',
-                    '-Wno-unknown-pragmas', f'-I{HERE}', str(source), '-o', str(lib)],
-                   check=True, capture_output=True, text=True, timeout=300)
-    return ctypes.CDLL(str(lib))
 
 
 @pytest.mark.parametrize('batch, L, E, P, width, dtype', [
@@ -51,7 +35,8 @@ def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, batch, L, E, P, widt
     u, xd, args, grid, block = cx.launch(x, taps, bias, x_proj, tile)
     u.fill_(float('nan'))
     xd.fill_(float('nan'))
-    lib = build(tmp_path, E, P, dtype, tile)
+    lib = build_emulated(tmp_path, cx.source_defines(E, P, dtype, tile), cx.kernel_text(cx.SOURCE),
+                         DRIVER)
     c_args = [ctypes.c_void_p(a.data_ptr()) if torch.is_tensor(a) else ctypes.c_int(a)
               for a in args]
     lib.run(grid[0], grid[1], *c_args)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cuda_host import nvrtc
 
 from vim_mm.ops import cuda_scan
 from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, SMEM_LIMIT, auto_config, fitted, launch_plan,
@@ -17,15 +18,6 @@ from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, SMEM_LIMIT, auto_config, fitte
 
 PRESETS = {'tiny': (16, 12), 'small': (16, 24), 'base': (16, 48), 'demo': (8, 4)}
 RESERVED_SMEM = 1024
-
-
-def _nvrtc():
-    try:
-        from torch.cuda._utils import _nvrtc_compile
-        _nvrtc_compile('extern "C" __global__ void k() {}', 'k', '90')
-    except Exception as exc:  # no NVRTC library in this torch build
-        pytest.skip(f'NVRTC unavailable: {exc!r}')
-    return _nvrtc_compile
 
 
 def elf_sections(blob: bytes) -> dict:
@@ -45,7 +37,7 @@ def elf_sections(blob: bytes) -> dict:
 @pytest.mark.parametrize('fp16', [0, 1])
 @pytest.mark.parametrize('plan', ['default', *sorted(cuda_scan.PRESETS)])
 def test_kernels_compile_with_the_budgeted_shared_memory(preset, fp16, plan):
-    compile_ = _nvrtc()
+    compile_ = nvrtc()
     d_state, dt_rank = PRESETS[preset]
     base = (dataclasses.replace(DEFAULT_CONFIG, poly_final=1, prep_by_row=bool(fp16))
             if plan == 'default' else cuda_scan.PRESETS[plan].config)
@@ -66,7 +58,7 @@ def test_kernels_compile_with_the_budgeted_shared_memory(preset, fp16, plan):
 def test_dynamic_shared_memory_takes_tiles_past_48_kb():
     """dynamic_smem: tiles of more than 48 KB are kept whole (up to the dynamic limit), live in
     no static shared memory, and the launch passes their size."""
-    compile_ = _nvrtc()
+    compile_ = nvrtc()
     d_state, dt_rank = PRESETS['tiny']
     big = dataclasses.replace(cuda_scan.PRESETS['many_blocks'].config, tile_l=32, stages=3)
     assert fitted(big, d_state, dt_rank).tile_l == 32

@@ -6,18 +6,15 @@ gate and the side-by-side output. Speed and what only the hardware does are the 
 import ctypes
 import dataclasses
 import math
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from _cuda_host import build_emulated
 
 from vim_mm.ops import cuda_scan
 from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, bidirectional_scan_infer_reference,
                                   launch_plan, source_defines)
 
-HERE = Path(__file__).parent
 DRIVER = r'''
 #define SCAN_NAMES u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b, sz_l, W_f, bias_f, A_f, \
     D_f, W_b, bias_b, A_b, D_b, out, so_b, so_l, hsum, ssum, batch, L, E, n_chunks, chunk_l
@@ -30,17 +27,8 @@ extern "C" void run(int summary, unsigned gx, unsigned gy, unsigned gz, unsigned
 
 def build(tmp_path, d_state, dt_rank, dtype, cfg):
     """The kernels (both; NPOLY as in the final one) compiled for the CPU emulation."""
-    if shutil.which('g++') is None:
-        pytest.skip('needs g++')
-    source = tmp_path / 'scan_emulated.cpp'
-    source.write_text(source_defines(d_state, dt_rank, dtype, cfg, 'vim_scan_final')
-                      + '#include "cuda_emulation.h"\n' + cuda_scan.kernel_text(cuda_scan.SOURCE)
-                      + DRIVER)
-    lib = tmp_path / 'scan_emulated.so'
-    subprocess.run(['g++', '-O1', '-std=c++20', '-pthread', '-shared', '-fPIC',
-                    '-Wno-unknown-pragmas', f'-I{HERE}', str(source), '-o', str(lib)],
-                   check=True, capture_output=True, text=True, timeout=300)
-    return ctypes.CDLL(str(lib))
+    return build_emulated(tmp_path, source_defines(d_state, dt_rank, dtype, cfg, 'vim_scan_final'),
+                          cuda_scan.kernel_text(cuda_scan.SOURCE), DRIVER)
 
 
 def inputs(batch, L, E, N, R, dtype, seed, x_pad=0):
