@@ -10,11 +10,16 @@ reference:
 * ``x_proj``: both directions' x_proj as two ``F.linear`` or one ``torch.bmm`` over the conv's
   stacked (2, B, L, E) output (what the mixer runs);
 * ``norm``: the residual add + RMSNorm alone, mamba-ssm's kernel (a row per program) against
-  ``triton_add_norm.add_rms_norm_rows`` over rows per program and warps.
+  ``triton_add_norm.add_rms_norm_rows`` over rows per program and warps;
+* ``conv_xproj``: both convs and both x_proj as one CUDA C++ kernel (``cuda_conv_xproj``, the
+  mixer's default since the sixteenth session) against the conv + bmm pair, per tile shape
+  (``--tiles``) and per other kernel source (``--ab``), errors against the fp32 twin.
 
     python benchmarks/gpu_layer_ops.py --out results/h200_layer_ops_v2.json
     python benchmarks/gpu_layer_ops.py --ops conv x_proj --shapes 1
-    python benchmarks/gpu_layer_ops.py --ops conv_xproj --tiles 64x64 32x64  # the fused kernel
+    python benchmarks/gpu_layer_ops.py --ops conv_xproj --tiles 64x64x2 32x64x4
+    git show 553cf17:vim_mm/ops/csrc/conv_xproj_fwd.cu > /tmp/bulk.cu   # u by bulk copies
+    python benchmarks/gpu_layer_ops.py --ops conv_xproj --tiles 64x64x2 --ab /tmp/bulk.cu
 
 Fourteenth session (benchmarks/README.md): results/h200_layer_ops_v1.json (conv, x_proj and
 the ``out_norm`` candidate below), ``_norm_v1``, ``_xproj_v1``. Two candidates were timed and
@@ -42,7 +47,9 @@ from timing import graph_median_ms as bench  # noqa: E402
 SHAPES = [('vim-t 1024 b16', 16, 4097, 192), ('vim-t 1248 b16', 16, 6085, 192),
           ('vim-s 1024 b16', 16, 4097, 384)]
 CONV_SETTINGS = [dict(), dict(num_warps=2)]
-ROWS_PADDED = 48  # x_proj's rows (dt_rank 12/24 + 2 x 16) padded to a multiple of 8
+# x_proj's rows: Vim-Ti's 12 + 2 x 16 padded to a multiple of 8 (Vim-S has 24 + 32 = 56; its
+# shape here keeps 48, as every recorded result did)
+ROWS_PADDED = 48
 
 
 def rel_err(got, want) -> float:
@@ -99,35 +106,42 @@ def use_tile(tile: str):
     cx.TILE = cx.Tile(tokens, channels, *(more + [2, 2][len(more):])[:2])
 
 
-def time_conv_xproj(rows, name, batch, L, E, tiles=('auto',)):
-    """The fused conv + x_proj kernel (``cuda_conv_xproj``), per tile shape, against the pair it
-    replaces: the stream conv, then one bmm (what the mixer runs), all checked against the fp32
-    twin."""
-    from vim_mm.ops.cuda_conv_xproj import (conv_xproj, conv_xproj_reference,
-                                            stack_conv_weights)
+def time_conv_xproj(rows, name, batch, L, E, tiles=('auto',), sources=()):
+    """The fused conv + x_proj kernel (``cuda_conv_xproj``) per tile shape, and with the first
+    tile per other kernel source (``--ab``: a file with the same kernel arguments, e.g. an
+    older commit's or an edited copy), against the pair it replaces: the stream conv, then one
+    bmm (what the mixer runs before it); all checked against the fp32 twin."""
+    from vim_mm.ops import cuda_conv_xproj as cx
     x = torch.randn(batch, L, 2 * E, device='cuda', dtype=torch.bfloat16)[..., :E]
     w_f, w_b = (torch.randn(E, 1, 4, device='cuda') * 0.5 for _ in range(2))
     b_f, b_b = (torch.randn(E, device='cuda') for _ in range(2))
     w2 = torch.randn(2, ROWS_PADDED, E, device='cuda', dtype=torch.bfloat16) * E ** -0.5
-    taps, bias = stack_conv_weights(w_f, b_f, w_b, b_b)  # the mixer caches them
-    want_u, want_xd = conv_xproj_reference(x, taps, bias, w2)
+    taps, bias = cx.stack_conv_weights(w_f, b_f, w_b, b_b)  # the mixer caches them
+    want_u, want_xd = cx.conv_xproj_reference(x, taps, bias, w2)
 
     def pair():
         us = bidirectional_conv(x, w_f, b_f, w_b, b_b)
         return us, torch.bmm(us.flatten(1, 2), w2.transpose(1, 2)).unflatten(1, (batch, L))
 
-    candidates = {'conv + bmm': pair}
-    candidates.update({f'fused {tile}': lambda tile=tile: conv_xproj(x, taps, bias, w2)
-                       for tile in tiles})
-    for label, fn in candidates.items():
-        if label.startswith('fused'):
-            use_tile(label.split()[1])
+    tree_source = cx.SOURCE
+    runs = ([('conv + bmm', None, None)] + [(f'fused {t}', t, tree_source) for t in tiles]
+            + [(f'fused {tiles[0]} {Path(s).name}', tiles[0], Path(s)) for s in sources])
+    for label, tile, source in runs:
+        fn = pair
+        if tile is not None:
+            use_tile(tile)
+            cx.SOURCE = source
+            cx._kernels.clear()
+            fn = lambda: cx.conv_xproj(x, taps, bias, w2)  # noqa: E731
         u, xd = fn()
         ms = bench(fn)
         rows.append(dict(op='conv_xproj', shape=name, how=label, ms=ms,
                          rel_err_u=rel_err(u, want_u), rel_err_xd=rel_err(xd, want_xd),
                          GBps=batch * L * (3 * E + 2 * ROWS_PADDED) * 2 / ms / 1e6))
         print(json.dumps(rows[-1]), flush=True)
+    cx.SOURCE = tree_source
+    cx._kernels.clear()
+    use_tile('auto')
 
 
 def time_norm(rows, name, batch, L, D):
@@ -159,6 +173,8 @@ def main():
     parser.add_argument('--tiles', nargs='+', default=['auto'],
                         help="conv_xproj's tile shapes: TLxCC[xMIN_BLOCKS[xSTAGES]] (tokens x "
                         "channels) or auto (the kernel's choice per shape)")
+    parser.add_argument('--ab', nargs='*', default=[],
+                        help='conv_xproj: other kernel sources to time with the first tile')
     parser.add_argument('--out')
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -171,7 +187,7 @@ def main():
         if 'norm' in args.ops:
             time_norm(rows, name, batch, L, D)
         if 'conv_xproj' in args.ops:
-            time_conv_xproj(rows, name, batch, L, 2 * D, args.tiles)
+            time_conv_xproj(rows, name, batch, L, 2 * D, args.tiles, args.ab)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
                                                   torch=torch.__version__,

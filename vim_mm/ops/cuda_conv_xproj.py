@@ -66,7 +66,7 @@ WIDE = Tile(64, 64, 2)
 # blocks for 132 SMs); 1.4-2.3% slower than WIDE where both fill the GPU (same sweep).
 NARROW = Tile(32, 64, 4)
 TILE: Tile | None = None  # forces a tile (benchmarks); None: tile_for's choice
-CHANNELS = 64  # E must be a multiple of this (both tiles' chunk)
+CHANNELS = math.lcm(WIDE.channels, NARROW.channels)  # E must be a multiple of this
 
 
 def tile_for(batch: int, L: int, sms: int) -> Tile:
