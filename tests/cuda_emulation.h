@@ -5,6 +5,7 @@
 // ordering, bank conflicts). The kernel source guards its PTX helpers with VIM_SCAN_EMULATE;
 // their C++ versions are here.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstring>
@@ -66,25 +67,32 @@ inline SmemPtr smem_ptr(const void* p) { return (SmemPtr)p; }
 template <int BYTES> inline void cp_async(SmemPtr dst, const void* src, bool valid) {
   if (valid) std::memcpy(dst, src, BYTES); else std::memset(dst, 0, BYTES);
 }
+// the scan's tile tickets (blocks run one after another here: a second never waits)
+inline int atom_add_acq_rel(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline void red_add_release(int* p, int v) { std::atomic_ref<int>(*p).fetch_add(v); }
+inline int ld_acquire(const int* p) { return std::atomic_ref<int>(*const_cast<int*>(p)).load(); }
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
 
-// Runs kernel(args...) on a grid of blocks of `threads` threads.
+// Runs kernel(args...) on a grid of blocks of `threads` threads, in launch order or, with
+// emulate_reversed, the last block first (kernels whose blocks meet must not depend on it).
+inline bool emulate_reversed = false;
 template <class Kernel, class... Args>
 void emulate(Kernel kernel, unsigned gx, unsigned gy, unsigned gz, unsigned threads, Args... args) {
-  for (unsigned z = 0; z < gz; ++z)
-    for (unsigned y = 0; y < gy; ++y)
-      for (unsigned x = 0; x < gx; ++x) {
-        std::barrier<> block(threads);
-        block_barrier = &block;
-        warp_barriers.clear();
-        for (unsigned w = 0; w < (threads + 31) / 32; ++w)
-          warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
-        std::vector<std::thread> pool;
-        for (unsigned t = 0; t < threads; ++t)
-          pool.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {x, y, z}; kernel(args...); });
-        for (auto& th : pool) th.join();
-      }
+  const unsigned n = gx * gy * gz;
+  for (unsigned i = 0; i < n; ++i) {
+    const unsigned b = emulate_reversed ? n - 1 - i : i;
+    const unsigned x = b % gx, y = b / gx % gy, z = b / (gx * gy);
+    std::barrier<> block(threads);
+    block_barrier = &block;
+    warp_barriers.clear();
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w)
+      warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t)
+      pool.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {x, y, z}; kernel(args...); });
+    for (auto& th : pool) th.join();
+  }
 }
 
 // mma.sync.m16n8k16 for one warp (the fused conv + x_proj kernel): every lane posts its

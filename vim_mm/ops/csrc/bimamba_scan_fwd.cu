@@ -4,7 +4,7 @@
 //   dt_t  = softplus(W_dt . xdbl_t[dt] + bias)                (dt_proj folded in: R FMAs)
 //   h_t   = exp(dt_t A) h_{t-1} + dt_t B_t u_t                 (forward: t = 0..L-1)
 //   h_t   = exp(dt_t A) h_{t+1} + dt_t B_t u_t                 (backward: t = L-1..0)
-//   out[t, dir * E + e] = (C_t . h_t + D u_t) * silu(z_t) / 2  (out_proj sums the two halves)
+//   out[t, e] = sum over dir of (C_t . h_t + D u_t) * silu(z_t) / 2   (what out_proj reads)
 //
 // Why it is shaped like this: every (token, channel, state, direction) needs one exp, and the
 // MUFU unit does 16 per clock per SM, so the kernel computes each exp ONCE and walks the whole
@@ -24,6 +24,16 @@
 // chunks: vim_scan_summary walks each chunk from a zero state (its end state and sum of dt),
 // and vim_scan_final starts every chunk from the combination of the chunks before it in its
 // walk order (a few exps per chunk, not per token).
+// The two directions' outputs are summed here, so out_proj reads E columns instead of 2E (the
+// seventeenth session: out_proj read 100 MB per layer at 1024 px b16). Each direction's block
+// walks the same tiles of TT tokens (both on the sequence's TT grid), and the two blocks of a
+// tile take a ticket from its counter (tick): the first stores its gated output, the second
+// adds it. The first declares its stores done (+2, release) at its next tile's first barrier;
+// a second that finds them done (ticket 3) loads the first's values before its walk, so the
+// walk hides their latency; one that does not (ticket 1: the two walks met at this tile)
+// waits after its walk. Deadlock-free without co-residency: a block only waits for a block
+// that has taken its ticket (so runs) and that declares done before it can wait itself. The
+// second resets the counter to 0 (the wrapper zero-fills them per call).
 //
 // Measured on an H200 (benchmarks/README.md, "Seventh" to "Tenth session", ncu): the seventh
 // session's version was bound by shared memory (steps 2 and 4 indexed tile rows by lane:
@@ -99,6 +109,25 @@ __device__ __forceinline__ float lg2(float x) {
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+
+// The tile tickets (GPU scope): arrive (acquire: the first's stores become visible), declare
+// done (release: cumulative over the stores the block's barrier ordered before it), wait.
+__device__ __forceinline__ int atom_add_acq_rel(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
+
+__device__ __forceinline__ void red_add_release(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
 #endif  // VIM_SCAN_EMULATE
 
 // the two 16-bit values of a 32-bit word (element 0 in the low half)
@@ -142,6 +171,7 @@ struct Tiles {
   float xf[TT + 2][XF];     // the tile's [dt | B | C] in fp32, read by every lane
   float2 ld[TT + 2][CH];    // (log2(1 + e^x), dt u) per token and channel
   float yp[TT][CH][SPLIT];  // the lanes' partial C . h
+  int ticket;               // the tile's ticket, from thread 0 to all (output walk)
 };
 
 // Where a block's tiles live: static shared memory (at most 48 KB), or with DYN_SMEM dynamic
@@ -160,9 +190,10 @@ struct Walk {
   const u16* u;    // this batch row's u, token-major (stride su_l), at channel e0
   const u16* z;    // likewise z
   const u16* xd;   // this batch row's x_dbl rows [dt | B | C]
-  u16* out;        // this batch row's output at column dir * E + e0
+  u16* out;        // this batch row's output at column e0 (both directions)
+  int* tick;       // this batch row's and channel block's tile counters, one per TT tokens
   int su_l, sz_l, sx_l, so_l;
-  int lo, hi;      // tokens [lo, hi) of the chunk
+  int lo, hi;      // tokens [lo, hi) of the chunk (lo on the TT grid)
   bool rev;        // walk right to left
   int e0, E;
 };
@@ -174,7 +205,7 @@ struct Walk {
 #define TILE_OFFSET_x (unsigned)(2 * STAGES * TT * CH * 2)
 #define TILE_OFFSET(member) TILE_OFFSET_##member
 
-// Copies tile k of the walk, [t0, t0 + TT), into stage `stage` (cp.async; tokens outside
+// Copies the tile [t0, t0 + TT) into stage `stage` (cp.async; tokens outside
 // [lo, hi) zero-filled). Each thread's pieces are fixed by its index with compile-time trip
 // counts, and a staged row is a whole number of pieces, so piece i lands at byte i * size of
 // its stage (the ninth session's loops computed row, column and bounds per piece: ~190
@@ -183,10 +214,9 @@ struct Walk {
 // from `sm`, the tiles' shared address taken once per walk (v16 converted a pointer per copy:
 // with the sign extensions ~100 instructions per whole tile for its 4 copies per thread, ~60
 // now; 1.1% faster at 16 x 4097, results/h200_infer_scan_v17_ab.json). WHOLE: every token of
-// the tile is in [lo, hi) (all but a chunk's last tile), no token checks.
+// the tile is in [lo, hi) (all but a chunk's highest tile), no token checks.
 template <bool FINAL, bool WHOLE>
-__device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, int k, int stage) {
-  const unsigned t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
+__device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, unsigned t0, int stage) {
   constexpr int UPR = CH / 8;              // 16-byte pieces per row of a (TT, CH) 16-bit tile
   constexpr int U_PIECES = TT * UPR, U_ROWS_PER_PASS = NT / UPR;
   const unsigned ucol = (threadIdx.x % UPR) * 8;
@@ -353,10 +383,12 @@ __device__ __forceinline__ void convert_tile(Tiles& s, int stage) {
 }
 
 // Step 4 for the tile starting at token t0 (whole: within the chunk), channel pc, rows
-// pr0 + j SPLIT: every row's sum read before any is stored, gated by go, stored as 16 bits.
+// pr0 + j SPLIT: every row's sum read before any is stored, gated by go, plus the other
+// direction's output where this block is the tile's second (add: pv holds it), stored as 16 bits.
 __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t0,
                                             bool whole, int pc, int pr0,
-                                            const float2 (&go)[PREP_ROWS], bool active) {
+                                            const float2 (&go)[PREP_ROWS], bool active,
+                                            bool add, const u16 (&pv)[PREP_ROWS]) {
   constexpr int K = PREP_ROWS;
   float y[K];
 #pragma unroll
@@ -366,48 +398,80 @@ __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t
 #pragma unroll
   for (int j = 0; j < K; ++j, out += step) {
     const int t = t0 + pr0 + j * SPLIT;
-    const u16 v = from_f32(fmaf(go[j].x, y[j], go[j].y));
-    if (active && (whole || (t >= w.lo && t < w.hi))) *out = v;
+    const float v = fmaf(go[j].x, y[j], go[j].y);
+    const u16 r = from_f32(add ? v + to_f32(pv[j]) : v);
+    if (active && (whole || (t >= w.lo && t < w.hi))) *out = r;
   }
 }
 
-// Steps 1-4 of every tile by the same threads, four barriers per tile.
+// The first direction's stored output of this thread's step-4 rows (the tile's second block).
+__device__ __forceinline__ void load_partner(const Walk& w, int t0, int pc, int pr0,
+                                             bool active, u16 (&pv)[PREP_ROWS]) {
+  const u16* out = w.out + (t0 + pr0) * w.so_l + pc;
+  const int step = SPLIT * w.so_l;
+#pragma unroll
+  for (int j = 0; j < PREP_ROWS; ++j, out += step)
+    pv[j] = active && t0 + pr0 + j * SPLIT < w.hi ? *out : (u16)0;
+}
+
+// Steps 1-4 of every tile by the same threads, four barriers per tile. Tile k starts at token
+// first_token(k): on the sequence's TT grid in both directions (a chunk starts on it), so the
+// highest tile of a chunk is the partial one, the last walked forward and the first backward.
+// The output walk takes each tile's ticket (thread 0, after the first barrier; read by all
+// after the third) and declares a first's stores done after the next tile's first barrier.
 template <bool FINAL>
 __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
                                      const float (&A)[NPT], const float (&W)[R], float bias,
                                      float D, float& dt_sum) {
   const int n_tiles = (w.hi - w.lo + TT - 1) / TT;
+  const auto first_token = [&](int k) { return w.lo + (w.rev ? n_tiles - 1 - k : k) * TT; };
   const int pc = PREP_C, pr0 = PREP_R0;  // steps 2 and 4: channel pc, tokens pr0 + k SPLIT
   const bool active = w.e0 + pc < w.E;
   float2 go[PREP_ROWS];  // step 2's gates for step 4
+  u16 pv[PREP_ROWS] = {};  // the other direction's output of step 4's rows (a tile's second)
+  int* stored = nullptr;  // thread 0: the counter of a tile whose first this block was
+  int ticket = 0;
   const SmemPtr sm = smem_ptr(&s);
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
-    if (k < n_tiles) issue_tile<FINAL, false>(sm, w, k, k);
+    if (k < n_tiles) issue_tile<FINAL, false>(sm, w, first_token(k), k);
     cp_async_commit();
   }
   for (int k = 0; k < n_tiles; ++k) {
     const int stage = k % STAGES;
+    const int t0 = first_token(k);
+    int* const tick = w.tick + t0 / TT;
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile k is in; every thread is done with tile k - 1
-    const int kn = k + STAGES - 1;  // the tile issued now; all but the chunk's last are whole
-    if (kn < n_tiles - 1) issue_tile<FINAL, true>(sm, w, kn, kn % STAGES);
-    else if (kn == n_tiles - 1) issue_tile<FINAL, false>(sm, w, kn, kn % STAGES);
+    if (FINAL && threadIdx.x == 0) {
+      if (stored) red_add_release(stored, 2);  // tile k - 1's stores are done (the barrier)
+      stored = nullptr;
+      ticket = atom_add_acq_rel(tick, 1);  // needed after step 2: its latency overlaps
+    }
+    const int kn = k + STAGES - 1;  // the tile issued now
+    if (kn < n_tiles) {
+      const int tn = first_token(kn);
+      if (tn + TT <= w.hi) issue_tile<FINAL, true>(sm, w, tn, kn % STAGES);
+      else issue_tile<FINAL, false>(sm, w, tn, kn % STAGES);
+    }
     cp_async_commit();
     convert_tile(s, stage);  // the tile's x_dbl rows in fp32
     __syncthreads();
     prepare<FINAL>(s, stage, pc, pr0, W, bias, D, go);
-    PREP_SYNC();
-    const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
+    if (FINAL && threadIdx.x == 0) s.ticket = ticket;
+    if (FINAL && !PREP_BY_ROW) __syncthreads();  // (PREP_SYNC is then a warp's)
+    else PREP_SYNC();
+    const int tk = FINAL ? s.ticket : 0;  // 0: first; 3: second, the first's stores done; 1: not yet
+    if (FINAL && tk == 3) load_partner(w, t0, pc, pr0, active, pv);  // in flight over the walk
     const int r0 = w.rev ? TT - 1 : 0, dr = w.rev ? -1 : 1;
-    const bool whole = t0 >= w.lo && t0 + TT <= w.hi;
+    const bool whole = t0 + TT <= w.hi;
     if (whole) {  // no token checks
       if (w.rev) walk_tile<FINAL, true>(s, c, lane, h, A, dt_sum);
       else walk_tile<FINAL, false>(s, c, lane, h, A, dt_sum);
     } else {
       for (int kk = 0; kk < TT; ++kk) {
         const int r = r0 + kk * dr;
-        if (t0 + r >= w.lo && t0 + r < w.hi) {
+        if (t0 + r < w.hi) {
           Operands o;
           fetch<FINAL>(s, r, c, lane, o);
           const float y = advance<FINAL>(o, h, A, dt_sum);
@@ -417,10 +481,24 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     }
     if (FINAL) {  // step 4
       PREP_SYNC();
-      output_tile(s, w, t0, whole, pc, pr0, go, active);
+      if (tk == 1) {  // the walks met at this tile: wait for the first's stores (same for all)
+        if (threadIdx.x == 0)
+          while (ld_acquire(tick) != 4) {}
+        __syncthreads();
+        load_partner(w, t0, pc, pr0, active, pv);
+      }
+      output_tile(s, w, t0, whole, pc, pr0, go, active, tk != 0, pv);
+      if (threadIdx.x == 0) {
+        if (tk == 0) stored = tick;
+        else *tick = 0;  // both directions are in: ready for the next call
+      }
     }
   }
   cp_async_wait<0>();
+  if (FINAL) {
+    __syncthreads();  // every thread's stores of the last tile
+    if (threadIdx.x == 0 && stored) red_add_release(stored, 2);
+  }
 }
 
 
@@ -453,18 +531,19 @@ __device__ __forceinline__ void load_direction(
       int sx_b, int sx_l, const u16 *z, int sz_b, int sz_l, const float *W_f,                \
       const float *bias_f, const float *A_f, const float *D_f, const float *W_b,             \
       const float *bias_b, const float *A_b, const float *D_b, u16 *out, int so_b, int so_l, \
-      float *hsum, float *ssum, int batch, int L, int E, int n_chunks, int chunk_l
+      float *hsum, float *ssum, int *tick, int batch, int L, int E, int n_chunks, int chunk_l
 
 __device__ __forceinline__ Walk make_walk(int dir, int chunk, int b, int e0, const u16* u_f,
                                           const u16* u_b, int su_b, int su_l, const u16* x_f,
                                           const u16* x_b, int sx_b, int sx_l, const u16* z,
                                           int sz_b, int sz_l, u16* out, int so_b, int so_l,
-                                          int L, int E, int chunk_l) {
+                                          int* tick, int L, int E, int chunk_l) {
   Walk w;
   w.u = (dir ? u_b : u_f) + (i64)b * su_b + e0;
   w.z = z + (i64)b * sz_b + e0;
   w.xd = (dir ? x_b : x_f) + (i64)b * sx_b;
-  w.out = out + (i64)b * so_b + dir * E + e0;
+  w.out = out + (i64)b * so_b + e0;
+  w.tick = tick + ((i64)b * ((E + CH - 1) / CH) + e0 / CH) * ((L + TT - 1) / TT);
   w.su_l = su_l; w.sz_l = sz_l; w.sx_l = sx_l; w.so_l = so_l;
   w.lo = chunk * chunk_l;
   w.hi = min(L, w.lo + chunk_l);
@@ -489,7 +568,7 @@ vim_scan_summary(SCAN_ARGS) {
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
                  A, W, bias, D, h);
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
-                           sz_l, out, so_b, so_l, L, E, chunk_l);
+                           sz_l, out, so_b, so_l, tick, L, E, chunk_l);
   walk<false>(s, w, c, lane, h, A, W, bias, D, dt_sum);
   if (!active) return;
   const i64 row = ((i64)dir * batch + b) * n_chunks + chunk;  // (2, batch, n_chunks, [NS,] E)
@@ -522,6 +601,6 @@ vim_scan_final(SCAN_ARGS) {
       h[j] = fmaf(ex2(S * A[j]), h[j], hsum[(row * NS + lane * NPT + j) * E + ec]);
   }
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
-                           sz_l, out, so_b, so_l, L, E, chunk_l);
+                           sz_l, out, so_b, so_l, tick, L, E, chunk_l);
   walk<true>(s, w, c, lane, h, A, W, bias, D, dt_sum);
 }
