@@ -68,9 +68,10 @@ template <int BYTES> inline void cp_async(SmemPtr dst, const void* src, bool val
   if (valid) std::memcpy(dst, src, BYTES); else std::memset(dst, 0, BYTES);
 }
 // the scan's tile tickets (blocks run one after another here: a second never waits)
-inline int atom_add_acq_rel(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline int atom_add_relaxed(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 inline void red_add_release(int* p, int v) { std::atomic_ref<int>(*p).fetch_add(v); }
-inline int ld_acquire(const int* p) { return std::atomic_ref<int>(*const_cast<int*>(p)).load(); }
+inline int ld_relaxed(const int* p) { return std::atomic_ref<int>(*const_cast<int*>(p)).load(); }
+inline u16 ld_relaxed(const u16* p) { return *p; }
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
 

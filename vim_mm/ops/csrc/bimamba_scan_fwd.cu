@@ -27,13 +27,14 @@
 // The two directions' outputs are summed here, so out_proj reads E columns instead of 2E (the
 // seventeenth session: out_proj read 100 MB per layer at 1024 px b16). Each direction's block
 // walks the same tiles of TT tokens (both on the sequence's TT grid), and the two blocks of a
-// tile take a ticket from its counter (tick): the first stores its gated output, the second
-// adds it. The first declares its stores done (+2, release) at its next tile's first barrier;
-// a second that finds them done (ticket 3) loads the first's values before its walk, so the
-// walk hides their latency; one that does not (ticket 1: the two walks met at this tile)
-// waits after its walk. Deadlock-free without co-residency: a block only waits for a block
-// that has taken its ticket (so runs) and that declares done before it can wait itself. The
-// second resets the counter to 0 (the wrapper zero-fills them per call).
+// tile take a ticket from its counter (tick), each when done with the tile before: the first
+// stores its gated output, the second adds it. The first declares its stores done (+2,
+// release) after its walk of the next tile, when they have long landed; a second that finds
+// them done (ticket 3) loads the first's values before its walk, which hides their latency;
+// one that does not (ticket 1: the two walks met here) waits after its walk. Deadlock-free
+// without co-residency: a block waits only for one that has taken its ticket (so runs) and
+// that declares done before it can wait itself. The second resets the counter to 0 (the
+// wrapper zero-fills them per call).
 //
 // Measured on an H200 (benchmarks/README.md, "Seventh" to "Tenth session", ncu): the seventh
 // session's version was bound by shared memory (steps 2 and 4 indexed tile rows by lane:
@@ -110,11 +111,17 @@ __device__ __forceinline__ float lg2(float x) {
   return y;
 }
 
-// The tile tickets (GPU scope): arrive (acquire: the first's stores become visible), declare
-// done (release: cumulative over the stores the block's barrier ordered before it), wait.
-__device__ __forceinline__ int atom_add_acq_rel(int* p, int v) {
+// The tile tickets, GPU scope. Declaring done is a release (cumulative over the stores the
+// block's barriers ordered before it): a MEMBAR.ALL.GPU in front of the atomic, which waits for
+// the thread's memory operations in flight, so it is issued where none are. Arrivals, waits
+// and the loads of the first's values are strong relaxed operations (L1 bypassed, served by
+// L2, the GPU's point of coherence), each issued after the counter value that allows it has
+// arrived (thread 0, then a barrier): an acquire would add a CCTL.IVALL that waits for the
+// atomic's result on the spot. First version (acq_rel arrivals and releases right after the
+// output stores): the scan 27% slower, 0.534 against ~0.42 ms at 16 x 4097.
+__device__ __forceinline__ int atom_add_relaxed(int* p, int v) {
   int old;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v)
+  asm volatile("atom.relaxed.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v)
                : "memory");
   return old;
 }
@@ -123,9 +130,15 @@ __device__ __forceinline__ void red_add_release(int* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-__device__ __forceinline__ int ld_acquire(const int* p) {
+__device__ __forceinline__ int ld_relaxed(const int* p) {
   int v;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ u16 ld_relaxed(const u16* p) {
+  u16 v;
+  asm volatile("ld.relaxed.gpu.global.u16 %0, [%1];" : "=h"(v) : "l"(p) : "memory");
   return v;
 }
 #endif  // VIM_SCAN_EMULATE
@@ -411,14 +424,14 @@ __device__ __forceinline__ void load_partner(const Walk& w, int t0, int pc, int 
   const int step = SPLIT * w.so_l;
 #pragma unroll
   for (int j = 0; j < PREP_ROWS; ++j, out += step)
-    pv[j] = active && t0 + pr0 + j * SPLIT < w.hi ? *out : (u16)0;
+    pv[j] = active && t0 + pr0 + j * SPLIT < w.hi ? ld_relaxed(out) : (u16)0;
 }
 
 // Steps 1-4 of every tile by the same threads, four barriers per tile. Tile k starts at token
 // first_token(k): on the sequence's TT grid in both directions (a chunk starts on it), so the
 // highest tile of a chunk is the partial one, the last walked forward and the first backward.
-// The output walk takes each tile's ticket (thread 0, after the first barrier; read by all
-// after the third) and declares a first's stores done after the next tile's first barrier.
+// The output walk's thread 0 takes each tile's ticket after the tile before (all read it after
+// the third barrier) and declares a first's stores done after the next tile's walk.
 template <bool FINAL>
 __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
                                      const float (&A)[NPT], const float (&W)[R], float bias,
@@ -431,6 +444,7 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
   u16 pv[PREP_ROWS] = {};  // the other direction's output of step 4's rows (a tile's second)
   int* stored = nullptr;  // thread 0: the counter of a tile whose first this block was
   int ticket = 0;
+  if (FINAL && threadIdx.x == 0) ticket = atom_add_relaxed(w.tick + first_token(0) / TT, 1);
   const SmemPtr sm = smem_ptr(&s);
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
@@ -443,11 +457,6 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     int* const tick = w.tick + t0 / TT;
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile k is in; every thread is done with tile k - 1
-    if (FINAL && threadIdx.x == 0) {
-      if (stored) red_add_release(stored, 2);  // tile k - 1's stores are done (the barrier)
-      stored = nullptr;
-      ticket = atom_add_acq_rel(tick, 1);  // needed after step 2: its latency overlaps
-    }
     const int kn = k + STAGES - 1;  // the tile issued now
     if (kn < n_tiles) {
       const int tn = first_token(kn);
@@ -481,9 +490,13 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     }
     if (FINAL) {  // step 4
       PREP_SYNC();
+      if (threadIdx.x == 0 && stored) {  // tile k - 1's stores (barriers since) have landed
+        red_add_release(stored, 2);
+        stored = nullptr;
+      }
       if (tk == 1) {  // the walks met at this tile: wait for the first's stores (same for all)
         if (threadIdx.x == 0)
-          while (ld_acquire(tick) != 4) {}
+          while (ld_relaxed(tick) != 4) {}
         __syncthreads();
         load_partner(w, t0, pc, pr0, active, pv);
       }
@@ -491,6 +504,7 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
       if (threadIdx.x == 0) {
         if (tk == 0) stored = tick;
         else *tick = 0;  // both directions are in: ready for the next call
+        if (k + 1 < n_tiles) ticket = atom_add_relaxed(w.tick + first_token(k + 1) / TT, 1);
       }
     }
   }
