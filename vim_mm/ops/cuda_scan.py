@@ -228,7 +228,7 @@ def staged_width(width: int, piece_bytes: int) -> int:
 def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
     """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, their fp32 rows and
     (l, dt u) per token and channel (two spare rows each), the lanes' partial outputs (the gates
-    stay in registers since v13), the tile's ticket (an int, the struct padded to 8 bytes)."""
+    stay in registers since v13), an int to share (the struct padded to 8 bytes)."""
     width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
     staged = staged_width(width, cfg.x_piece)
     return (stages * T * (2 * C + staged) * 2 + (T + 2) * -(-width // 4) * 16
@@ -320,13 +320,12 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
     else:
         hsum = ssum = out
     grid_x, block = math.ceil(E / cfg.channels), (cfg.channels * cfg.split, 1, 1)
-    # a counter per tile of tokens and channel block: the two directions' tickets (zeros; the
-    # kernel leaves them zero, a fresh buffer per call keeps concurrent calls apart)
-    tick = torch.zeros(batch * grid_x * math.ceil(L / cfg.tile_l), dtype=torch.int32,
-                       device=u_f.device)
+    # the output blocks' start counter and two flags per chunk of a batch row and channel block
+    # (zeros: a fresh buffer per call keeps concurrent calls apart)
+    flags = torch.zeros(1 + 2 * n_chunks * batch * grid_x, dtype=torch.int32, device=u_f.device)
     args = [u_f, u_b, u_f.stride(0), u_f.stride(1), x_f, x_b, x_f.stride(0), x_f.stride(1),
             z, z.stride(0), z.stride(1), *_direction(fwd), *_direction(bwd),
-            out, out.stride(0), out.stride(1), hsum, ssum, tick, batch, L, E, n_chunks, chunk_l]
+            out, out.stride(0), out.stride(1), hsum, ssum, flags, batch, L, E, n_chunks, chunk_l]
     launches = [('vim_scan_final', (grid_x, batch, 2 * n_chunks), block)]
     if n_chunks > 1:
         launches.insert(0, ('vim_scan_summary', (grid_x, batch, 2 * (n_chunks - 1)), block))
