@@ -1,11 +1,10 @@
 // Runs the C++ of a CUDA kernel on the CPU: one std::thread per CUDA thread, blocks one after
-// another (or emulate_group at once), __syncthreads / __syncwarp as std::barrier. For tests of a kernel's logic (indexing,
+// another, __syncthreads / __syncwarp as std::barrier. For tests of a kernel's logic (indexing,
 // tiling, chunking, barriers between its steps) where no GPU is, like TRITON_INTERPRET for
 // Triton; it says nothing about speed, and it cannot see what only the hardware does (memory
 // ordering, bank conflicts). The kernel source guards its PTX helpers with VIM_SCAN_EMULATE;
 // their C++ versions are here.
 #pragma once
-#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstring>
@@ -18,28 +17,15 @@
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static  // kernels with statics run one block at a time (emulate_group 1)
+#define __shared__ static  // one block runs at a time: its threads share the kernel's statics
 #define __align__(n) __attribute__((aligned(n)))
 
 struct uint3_ { unsigned x, y, z; };
 inline thread_local uint3_ threadIdx, blockIdx;
-// A running block's barriers and its own shared memory (emulated_shared: for kernels that run
-// with emulate_group > 1; the others keep their tiles in statics).
-struct BlockContext {
-  std::barrier<> block;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
-  std::vector<unsigned char> smem;
-  explicit BlockContext(unsigned threads) : block(threads), smem(256 * 1024) {
-    for (unsigned w = 0; w < (threads + 31) / 32; ++w)
-      warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
-  }
-};
-inline thread_local BlockContext* block_context;
-inline void __syncthreads() { block_context->block.arrive_and_wait(); }
-inline void __syncwarp() { block_context->warps[threadIdx.x / 32]->arrive_and_wait(); }
-template <class T> T* emulated_shared() {
-  return reinterpret_cast<T*>(block_context->smem.data());
-}
+inline std::barrier<>* block_barrier;
+inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+inline void __syncwarp() { warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
@@ -80,37 +66,25 @@ inline SmemPtr smem_ptr(const void* p) { return (SmemPtr)p; }
 template <int BYTES> inline void cp_async(SmemPtr dst, const void* src, bool valid) {
   if (valid) std::memcpy(dst, src, BYTES); else std::memset(dst, 0, BYTES);
 }
-// the scan's start counter and partner flags (sequentially consistent here)
-inline int atom_add_relaxed(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
-inline void red_add_release(int* p, int v) { std::atomic_ref<int>(*p).fetch_add(v); }
-inline int ld_relaxed(const int* p) { return std::atomic_ref<int>(*const_cast<int*>(p)).load(); }
-inline u16 ld_relaxed(const u16* p) { return *p; }
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
 
-// Runs kernel(args...) on a grid of blocks of `threads` threads, in launch order, emulate_group
-// blocks at a time (the scan's output blocks wait for their partners: 2).
-inline unsigned emulate_group = 1;
+// Runs kernel(args...) on a grid of blocks of `threads` threads.
 template <class Kernel, class... Args>
 void emulate(Kernel kernel, unsigned gx, unsigned gy, unsigned gz, unsigned threads, Args... args) {
-  const unsigned n = gx * gy * gz;
-  for (unsigned i0 = 0; i0 < n; i0 += emulate_group) {
-    std::vector<std::unique_ptr<BlockContext>> blocks;
-    std::vector<std::thread> pool;
-    for (unsigned b = i0; b < std::min(n, i0 + emulate_group); ++b) {
-      blocks.push_back(std::make_unique<BlockContext>(threads));
-      BlockContext* ctx = blocks.back().get();
-      const unsigned x = b % gx, y = b / gx % gy, z = b / (gx * gy);
-      for (unsigned t = 0; t < threads; ++t)
-        pool.emplace_back([=] {
-          threadIdx = {t, 0, 0};
-          blockIdx = {x, y, z};
-          block_context = ctx;
-          kernel(args...);
-        });
-    }
-    for (auto& th : pool) th.join();
-  }
+  for (unsigned z = 0; z < gz; ++z)
+    for (unsigned y = 0; y < gy; ++y)
+      for (unsigned x = 0; x < gx; ++x) {
+        std::barrier<> block(threads);
+        block_barrier = &block;
+        warp_barriers.clear();
+        for (unsigned w = 0; w < (threads + 31) / 32; ++w)
+          warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+        std::vector<std::thread> pool;
+        for (unsigned t = 0; t < threads; ++t)
+          pool.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {x, y, z}; kernel(args...); });
+        for (auto& th : pool) th.join();
+      }
 }
 
 // mma.sync.m16n8k16 for one warp (the fused conv + x_proj kernel): every lane posts its

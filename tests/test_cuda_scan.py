@@ -110,7 +110,7 @@ def test_launch_plan_cuts_whole_tiles_and_launches_summaries_first():
         cfg, out, args, launches = launch_plan(u, x, u, x, z, p, p, cfg, sm_count=132)  # fitted
         n_chunks, chunk_l = args[-2:]
         assert chunk_l % cfg.tile_l == 0 and (n_chunks - 1) * chunk_l < L <= n_chunks * chunk_l
-        assert n_chunks == n and out.shape == (batch, L, E)
+        assert n_chunks == n and out.shape == (batch, L, 2 * E)
         names = [name for name, _, _ in launches]
         assert names == (['vim_scan_summary', 'vim_scan_final'] if n > 1 else ['vim_scan_final'])
         assert launches[-1][1] == (E // cfg.channels, batch, 2 * n)

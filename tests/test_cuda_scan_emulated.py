@@ -1,9 +1,8 @@
 """The CUDA C++ inference scan's logic on the CPU (tests/cuda_emulation.h: a std::thread per
 CUDA thread, barriers as std::barrier), against the PyTorch twin: tiling, the lane split,
 partial tiles and channel blocks, both directions, chunk summaries and their combination, the
-gate and the two directions summed (partner blocks run two at a time, as they wait for each
-other). Speed and what only the hardware does are the GPU check's (benchmarks/gpu_infer_scan.py).
-"""
+gate and the side-by-side output. Speed and what only the hardware does are the GPU check's
+(benchmarks/gpu_infer_scan.py)."""
 import ctypes
 import dataclasses
 import math
@@ -18,11 +17,9 @@ from vim_mm.ops.cuda_scan import (DEFAULT_CONFIG, bidirectional_scan_infer_refer
 
 DRIVER = r'''
 #define SCAN_NAMES u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b, sz_l, W_f, bias_f, A_f, \
-    D_f, W_b, bias_b, A_b, D_b, out, so_b, so_l, hsum, ssum, flags, batch, L, E, n_chunks, \
-    chunk_l
+    D_f, W_b, bias_b, A_b, D_b, out, so_b, so_l, hsum, ssum, batch, L, E, n_chunks, chunk_l
 extern "C" void run(int summary, unsigned gx, unsigned gy, unsigned gz, unsigned threads,
                     SCAN_ARGS) {
-  emulate_group = summary ? 1 : 2;  // output blocks: a partner pair at a time
   emulate(summary ? vim_scan_summary : vim_scan_final, gx, gy, gz, threads, SCAN_NAMES);
 }
 '''
@@ -55,23 +52,16 @@ def inputs(batch, L, E, N, R, dtype, seed, x_pad=0):
 
 def emulated(tmp_path, us, xs, z, dirs, cfg):
     """Builds the kernels for the config launch_plan fits to these inputs and runs its launches:
-    (output, number of launches, the fitted config). Every output block must have started
-    (the counter) and declared its stored half done (the flags)."""
+    (output, number of launches, the fitted config)."""
     cfg, out, args, launches = launch_plan(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1], cfg,
                                            sm_count=132)
     N, R = dirs[0]['A'].shape[1], dirs[0]['dt_proj_w'].shape[1]
     lib = build(tmp_path, N, R, us[0].dtype, cfg)
-    flags = args[-6]
-    assert flags.dtype == torch.int32 and not flags.any()
     out.fill_(float('nan'))  # every element must be written
     c_args = [ctypes.c_void_p(a.data_ptr()) if torch.is_tensor(a) else ctypes.c_int(a)
               for a in args]
     for name, grid, block in launches:
         lib.run(int(name == 'vim_scan_summary'), *grid, block[0], *c_args)
-    blocks = math.prod(launches[-1][1])
-    assert flags[0] == blocks and len(flags) == 1 + blocks
-    # a pair's walks split the chunk's tiles; one with a single tile has nothing to store
-    assert set(flags[1:].tolist()) <= {0, 1} and flags[1:].sum() >= blocks // 2
     return out, len(launches), cfg
 
 
@@ -114,6 +104,7 @@ def test_emulated_kernel_matches_the_pytorch_twin(tmp_path, shape, dtype, option
     # x_proj rows copied in 16-byte pieces where padded to them (the mixer's), else 8 bytes
     assert launched.x_piece == (16 if x_pad else 8)
     assert torch.isfinite(out).all()
+    got = out[..., :E].float() + out[..., E:].float()
     want = bidirectional_scan_infer_reference(us[0], xs[0], us[1], xs[1], z, dirs[0], dirs[1])
-    err = ((out.float() - want).abs().max() / want.abs().max()).item()
+    err = ((got - want).abs().max() / want.abs().max()).item()
     assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), err

@@ -35,7 +35,7 @@ def uncached(mixer, dtype):
     dirs = mixer.direction_params(''), mixer.direction_params('_b')
     return dict(in_proj=mixer.in_proj.weight.to(dtype),
                 x_proj=[F.pad(p['x_proj_w'], (0, 0, 0, -width % 8)).to(dtype) for p in dirs],
-                out_proj=mixer.out_proj.weight.to(dtype),
+                out_proj=mixer.out_proj.weight.repeat(1, 2).to(dtype),
                 fwd=cuda_scan._direction(dirs[0]), bwd=cuda_scan._direction(dirs[1]))
 
 
@@ -220,8 +220,8 @@ def test_inference_mode():
 # ----------------------------------------------------------- the C++-scan branch, on the CPU
 class FakeScan:
     """``bidirectional_scan_infer`` on the CPU: checks the launch plan's layout rules, records
-    what ``_direction`` hands the kernel, and returns the reference's summed directions in
-    the activations' dtype, (batch, L, E) as the kernel does."""
+    what ``_direction`` hands the kernel, and returns [y, y / 3] (the reference's summed
+    directions, in the activations' dtype)."""
 
     def __init__(self):
         self.calls = []
@@ -230,7 +230,7 @@ class FakeScan:
         _, _, args, _ = cuda_scan.launch_plan(u_f, x_f, u_b, x_b, z, fwd, bwd, None, 132)
         self.calls.append((fwd, bwd, args[11:19]))
         y = cuda_scan.bidirectional_scan_infer_reference(u_f, x_f, u_b, x_b, z, fwd, bwd)
-        return y.to(u_f.dtype)
+        return torch.cat([y, y / 3], dim=-1).to(u_f.dtype)
 
 
 @pytest.fixture
@@ -254,7 +254,7 @@ def branch_before_the_cache(mixer, h, scan):
     x_dbls = [F.linear(u, F.pad(p['x_proj_w'], (0, 0, 0, -width % 8)))[..., :width]
               for u, p in zip(us, (fwd, bwd))]
     y = scan(us[0], x_dbls[0], us[1], x_dbls[1], z, fwd, bwd)
-    return F.linear(y, mixer.out_proj.weight, mixer.out_proj.bias)
+    return F.linear(y, mixer.out_proj.weight.repeat(1, 2), mixer.out_proj.bias)
 
 
 @pytest.mark.parametrize('mode', ['autocast', 'bf16 model'])

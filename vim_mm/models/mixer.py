@@ -122,7 +122,7 @@ class BiMambaMixer(nn.Module):
             # [dt | B | C]: x_proj's rows are padded to 16 bytes (cuBLAS's fast GEMMs need it)
             x_dbls = [d[..., :R + 2 * N] for d in x2]
             y = bidirectional_scan_infer(us[0], x_dbls[0], us[1], x_dbls[1], z, w.fwd, w.bwd)
-            # y = (y_fwd + y_bwd) gated and halved, summed by the scan
+            # y = [y_fwd, y_bwd] (gated, halved): out_proj over [W, W] adds the directions
             return F.linear(y, w.out_proj, self.out_proj.bias)
         conv = bidirectional_conv_torch if needs_grad else bidirectional_conv
         us = conv(x, *conv_params)
@@ -162,7 +162,7 @@ class BiMambaMixer(nn.Module):
             in_proj=self.in_proj.weight.to(dtype),
             x_proj=torch.stack([F.pad(p['x_proj_w'], (0, 0, 0, -width % 8)).to(dtype)
                                 for p in dirs]),
-            out_proj=self.out_proj.weight.to(dtype), fwd=scan[0], bwd=scan[1],
+            out_proj=self.out_proj.weight.repeat(1, 2).to(dtype), fwd=scan[0], bwd=scan[1],
             **dict(zip(('conv_taps', 'conv_bias'), stack_conv_weights(
                 self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias))))
 
@@ -173,7 +173,7 @@ class BiMambaMixer(nn.Module):
         updates, an optimizer step, ``load_state_dict``).
 
         Why: re-deriving them launches ~10 tiny kernels per layer and call (the exps of A_log,
-        x_proj's pads, autocast's casts of in_proj, x_proj and out_proj, the scan's
+        x_proj's pads, autocast's casts of in_proj, x_proj and the repeated out_proj, the scan's
         fp32 copies); ~0.9 ms of a 20 ms step at 1024 px batch 16 on an H200, replayed in CUDA
         graphs. A change of versions alone refreshes the tensors in place: a recorded graph
         reads them by address (new ones would leave it reading freed memory). A graph replay
@@ -194,8 +194,7 @@ class BiMambaMixer(nn.Module):
         if force or versions != old:
             with torch.inference_mode(False), torch.no_grad():  # normal tensors: refreshable
                 fresh = self._derive_weights(dtype)
-                # .to() in their own dtype: the parameters themselves
-                fresh.in_proj, fresh.out_proj = fresh.in_proj.detach(), fresh.out_proj.detach()
+                fresh.in_proj = fresh.in_proj.detach()  # .to() in its own dtype: the parameter
                 if weights is None:
                     weights = fresh
                 else:  # in place: a recorded CUDA graph reads these tensors by address

@@ -19,7 +19,7 @@ class InferenceWeights:
     """What the CUDA C++-scan branch derives from the parameters, for one compute dtype:
     ``in_proj``'s weight, ``x_proj``'s of both directions stacked (2, rows, E) (rows padded to
     a multiple of 8: one batched GEMM) and
-    ``out_proj``'s in that dtype; per direction ``dt_proj_w``, ``dt_bias``,
+    ``out_proj``'s repeated ``(1, 2)`` in that dtype; per direction ``dt_proj_w``, ``dt_bias``,
     ``A = -exp(A_log)`` and ``D`` in float32, contiguous (as the scan takes them); both convs'
     taps (2, E, 4) and biases (2, E) in float32 (as the fused conv + x_proj kernel takes them).
     """

@@ -129,8 +129,8 @@ def layout_problem(u, z, d_state: int, dt_rank: int) -> str | None:
 
 def _offsets_fit(L: int, *ts) -> bool:
     """Whether every token offset within a batch row of these (batch, L, X) tensors, and of the
-    (batch, L, E) output, fits the kernel's 32-bit arithmetic."""
-    widest = max([t.stride(1) for t in ts] + [ts[0].shape[-1]])
+    (batch, L, 2E) output, fits the kernel's 32-bit arithmetic."""
+    widest = max([t.stride(1) for t in ts] + [2 * ts[0].shape[-1]])
     return L * widest < 2 ** 31
 
 
@@ -228,11 +228,11 @@ def staged_width(width: int, piece_bytes: int) -> int:
 def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
     """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, their fp32 rows and
     (l, dt u) per token and channel (two spare rows each), the lanes' partial outputs (the gates
-    stay in registers since v13), an int to share (the struct padded to 8 bytes)."""
+    stay in registers since v13)."""
     width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
     staged = staged_width(width, cfg.x_piece)
     return (stages * T * (2 * C + staged) * 2 + (T + 2) * -(-width // 4) * 16
-            + (T + 2) * C * 8 + T * C * cfg.split * 4 + 8)
+            + (T + 2) * C * 8 + T * C * cfg.split * 4)
 
 
 def fitted(cfg: InferScanConfig, d_state: int, dt_rank: int) -> InferScanConfig:
@@ -313,19 +313,16 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
     n_chunks = cfg.n_chunks
     chunk_l = -(-math.ceil(L / n_chunks) // cfg.tile_l) * cfg.tile_l
     n_chunks = math.ceil(L / chunk_l)
-    out = torch.empty(batch, L, E, dtype=u_f.dtype, device=u_f.device)
+    out = torch.empty(batch, L, 2 * E, dtype=u_f.dtype, device=u_f.device)
     if n_chunks > 1:
         hsum = torch.empty(2, batch, n_chunks, d_state, E, dtype=torch.float32, device=u_f.device)
         ssum = torch.empty(2, batch, n_chunks, E, dtype=torch.float32, device=u_f.device)
     else:
         hsum = ssum = out
-    grid_x, block = math.ceil(E / cfg.channels), (cfg.channels * cfg.split, 1, 1)
-    # the output blocks' start counter and two flags per chunk of a batch row and channel block
-    # (zeros: a fresh buffer per call keeps concurrent calls apart)
-    flags = torch.zeros(1 + 2 * n_chunks * batch * grid_x, dtype=torch.int32, device=u_f.device)
     args = [u_f, u_b, u_f.stride(0), u_f.stride(1), x_f, x_b, x_f.stride(0), x_f.stride(1),
             z, z.stride(0), z.stride(1), *_direction(fwd), *_direction(bwd),
-            out, out.stride(0), out.stride(1), hsum, ssum, flags, batch, L, E, n_chunks, chunk_l]
+            out, out.stride(0), out.stride(1), hsum, ssum, batch, L, E, n_chunks, chunk_l]
+    grid_x, block = math.ceil(E / cfg.channels), (cfg.channels * cfg.split, 1, 1)
     launches = [('vim_scan_final', (grid_x, batch, 2 * n_chunks), block)]
     if n_chunks > 1:
         launches.insert(0, ('vim_scan_summary', (grid_x, batch, 2 * (n_chunks - 1)), block))
@@ -352,12 +349,12 @@ def _sm_count(device: int) -> int:
 
 def bidirectional_scan_infer(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict,
                              cfg: InferScanConfig | None = None) -> torch.Tensor:
-    """Both scan directions of a Vim layer, gated, halved and summed.
+    """Both scan directions of a Vim layer, gated and halved, side by side.
 
     u_*: (batch, L, E) conv outputs in original token order (u_b from the anti-causal conv);
     x_*: their x_proj outputs (batch, L, R + 2N) = [dt | B | C]; z: (batch, L, E); fwd / bwd:
-    the direction parameters of :meth:`BiMambaMixer.direction_params`. Returns (batch, L, E):
-    ``(y_fwd + y_bwd) * silu(z) / 2``, what ``out_proj`` reads.
+    the direction parameters of :meth:`BiMambaMixer.direction_params`. Returns (batch, L, 2E):
+    ``[y_fwd, y_bwd] * silu(z) / 2``, so ``out_proj`` over ``[W, W]`` gives the mixer output.
     ``cfg`` None: :func:`auto_config`'s plan for this batch, length and width.
     """
     sm_count = _sm_count(u_f.device.index if u_f.device.index is not None
@@ -374,7 +371,7 @@ def bidirectional_scan_infer(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict,
 
 def bidirectional_scan_infer_reference(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict):
     """PyTorch twin of :func:`bidirectional_scan_infer` (same arguments), fp32, any device:
-    (batch, L, E)."""
+    the two halves already summed, (batch, L, E)."""
     from .triton_scan import bidirectional_selective_scan_reference
     args = []
     for u, x, p in ((u_f, x_f, fwd), (u_b, x_b, bwd)):

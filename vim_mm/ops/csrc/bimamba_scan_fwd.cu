@@ -4,7 +4,7 @@
 //   dt_t  = softplus(W_dt . xdbl_t[dt] + bias)                (dt_proj folded in: R FMAs)
 //   h_t   = exp(dt_t A) h_{t-1} + dt_t B_t u_t                 (forward: t = 0..L-1)
 //   h_t   = exp(dt_t A) h_{t+1} + dt_t B_t u_t                 (backward: t = L-1..0)
-//   out[t, e] = sum over dir of (C_t . h_t + D u_t) * silu(z_t) / 2   (what out_proj reads)
+//   out[t, dir * E + e] = (C_t . h_t + D u_t) * silu(z_t) / 2  (out_proj sums the two halves)
 //
 // Why it is shaped like this: every (token, channel, state, direction) needs one exp, and the
 // MUFU unit does 16 per clock per SM, so the kernel computes each exp ONCE and walks the whole
@@ -24,17 +24,6 @@
 // chunks: vim_scan_summary walks each chunk from a zero state (its end state and sum of dt),
 // and vim_scan_final starts every chunk from the combination of the chunks before it in its
 // walk order (a few exps per chunk, not per token).
-// The two directions' outputs are summed here, so out_proj reads E columns instead of 2E (the
-// seventeenth session: out_proj read 100 MB per layer at 1024 px b16). A chunk's two blocks
-// (its forward and backward walk) split its tiles of TT tokens, both on the sequence's TT grid:
-// the forward walk stores its gated output of the lower half [0, m) and adds to the backward
-// walk's of the upper half, the backward walk the other way round, so each block first stores
-// (its first half of steps), declares that done (one release per block), then waits for its
-// partner's declaration once and adds. The two directions reach a token at different times,
-// so the stored half goes through global memory (L2). Blocks take their (direction, chunk,
-// batch row, channel block) from a counter in the order they start, partners adjacent: a
-// block's partner has started before it or is the next to start, so no block waits for one
-// that cannot be scheduled (whatever the residency). Static halves: deterministic sums.
 //
 // Measured on an H200 (benchmarks/README.md, "Seventh" to "Tenth session", ncu): the seventh
 // session's version was bound by shared memory (steps 2 and 4 indexed tile rows by lane:
@@ -110,36 +99,6 @@ __device__ __forceinline__ float lg2(float x) {
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-
-// The partner flags, GPU scope. Declaring the stored half done is a release (cumulative over
-// the stores the block's barrier ordered before it: a MEMBAR.ALL.GPU, once per block). The
-// start counter, the flag polls and the loads of the partner's values are strong relaxed
-// operations (L1 bypassed, served by L2, the GPU's point of coherence), each issued after the
-// flag value that allows it has arrived (thread 0, then a barrier); an acquire would add a
-// CCTL.IVALL waiting on the spot. Measured before, per-tile tickets (the first of a tile's two
-// blocks to arrive stored, the second added): the scan 15-27% slower (MEMBARs per tile).
-__device__ __forceinline__ int atom_add_relaxed(int* p, int v) {
-  int old;
-  asm volatile("atom.relaxed.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v)
-               : "memory");
-  return old;
-}
-
-__device__ __forceinline__ void red_add_release(int* p, int v) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ int ld_relaxed(const int* p) {
-  int v;
-  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ u16 ld_relaxed(const u16* p) {
-  u16 v;
-  asm volatile("ld.relaxed.gpu.global.u16 %0, [%1];" : "=h"(v) : "l"(p) : "memory");
-  return v;
-}
 #endif  // VIM_SCAN_EMULATE
 
 // the two 16-bit values of a 32-bit word (element 0 in the low half)
@@ -183,15 +142,12 @@ struct Tiles {
   float xf[TT + 2][XF];     // the tile's [dt | B | C] in fp32, read by every lane
   float2 ld[TT + 2][CH];    // (log2(1 + e^x), dt u) per token and channel
   float yp[TT][CH][SPLIT];  // the lanes' partial C . h
-  int flag;                 // from thread 0 to all: the block's start number, the partner's flag
 };
 
 // Where a block's tiles live: static shared memory (at most 48 KB), or with DYN_SMEM dynamic
 // shared memory (the launch passes its size: up to the device's opt-in limit, larger tiles).
-// The CPU emulation gives each running block its own (two run at once: partners wait).
-#if defined(VIM_SCAN_EMULATE)
-#define BLOCK_TILES(s) Tiles& s = *emulated_shared<Tiles>()
-#elif DYN_SMEM
+// The CPU emulation keeps static tiles (the same logic).
+#if DYN_SMEM && !defined(VIM_SCAN_EMULATE)
 #define BLOCK_TILES(s)                                    \
   extern __shared__ __align__(16) unsigned char s##_raw[]; \
   Tiles& s = *reinterpret_cast<Tiles*>(s##_raw)
@@ -204,11 +160,9 @@ struct Walk {
   const u16* u;    // this batch row's u, token-major (stride su_l), at channel e0
   const u16* z;    // likewise z
   const u16* xd;   // this batch row's x_dbl rows [dt | B | C]
-  u16* out;        // this batch row's output at column e0 (both directions)
-  int* mine;       // the output walk's flag: its stored half is done (then 1)
-  const int* other;  // the partner's (the other direction's walk of the chunk)
+  u16* out;        // this batch row's output at column dir * E + e0
   int su_l, sz_l, sx_l, so_l;
-  int lo, hi;      // tokens [lo, hi) of the chunk (lo on the TT grid)
+  int lo, hi;      // tokens [lo, hi) of the chunk
   bool rev;        // walk right to left
   int e0, E;
 };
@@ -220,7 +174,7 @@ struct Walk {
 #define TILE_OFFSET_x (unsigned)(2 * STAGES * TT * CH * 2)
 #define TILE_OFFSET(member) TILE_OFFSET_##member
 
-// Copies the tile [t0, t0 + TT) into stage `stage` (cp.async; tokens outside
+// Copies tile k of the walk, [t0, t0 + TT), into stage `stage` (cp.async; tokens outside
 // [lo, hi) zero-filled). Each thread's pieces are fixed by its index with compile-time trip
 // counts, and a staged row is a whole number of pieces, so piece i lands at byte i * size of
 // its stage (the ninth session's loops computed row, column and bounds per piece: ~190
@@ -229,9 +183,10 @@ struct Walk {
 // from `sm`, the tiles' shared address taken once per walk (v16 converted a pointer per copy:
 // with the sign extensions ~100 instructions per whole tile for its 4 copies per thread, ~60
 // now; 1.1% faster at 16 x 4097, results/h200_infer_scan_v17_ab.json). WHOLE: every token of
-// the tile is in [lo, hi) (all but a chunk's highest tile), no token checks.
+// the tile is in [lo, hi) (all but a chunk's last tile), no token checks.
 template <bool FINAL, bool WHOLE>
-__device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, unsigned t0, int stage) {
+__device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, int k, int stage) {
+  const unsigned t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
   constexpr int UPR = CH / 8;              // 16-byte pieces per row of a (TT, CH) 16-bit tile
   constexpr int U_PIECES = TT * UPR, U_ROWS_PER_PASS = NT / UPR;
   const unsigned ucol = (threadIdx.x % UPR) * 8;
@@ -398,12 +353,10 @@ __device__ __forceinline__ void convert_tile(Tiles& s, int stage) {
 }
 
 // Step 4 for the tile starting at token t0 (whole: within the chunk), channel pc, rows
-// pr0 + j SPLIT: every row's sum read before any is stored, gated by go, plus the other
-// direction's output in the half this block adds to (add: pv holds it), stored as 16 bits.
+// pr0 + j SPLIT: every row's sum read before any is stored, gated by go, stored as 16 bits.
 __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t0,
                                             bool whole, int pc, int pr0,
-                                            const float2 (&go)[PREP_ROWS], bool active,
-                                            bool add, const u16 (&pv)[PREP_ROWS]) {
+                                            const float2 (&go)[PREP_ROWS], bool active) {
   constexpr int K = PREP_ROWS;
   float y[K];
 #pragma unroll
@@ -413,77 +366,48 @@ __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t
 #pragma unroll
   for (int j = 0; j < K; ++j, out += step) {
     const int t = t0 + pr0 + j * SPLIT;
-    const float v = fmaf(go[j].x, y[j], go[j].y);
-    const u16 r = from_f32(add ? v + to_f32(pv[j]) : v);
-    if (active && (whole || (t >= w.lo && t < w.hi))) *out = r;
+    const u16 v = from_f32(fmaf(go[j].x, y[j], go[j].y));
+    if (active && (whole || (t >= w.lo && t < w.hi))) *out = v;
   }
 }
 
-// The partner's stored output of this thread's step-4 rows (in the half this block adds to).
-__device__ __forceinline__ void load_partner(const Walk& w, int t0, int pc, int pr0,
-                                             bool active, u16 (&pv)[PREP_ROWS]) {
-  const u16* out = w.out + (t0 + pr0) * w.so_l + pc;
-  const int step = SPLIT * w.so_l;
-#pragma unroll
-  for (int j = 0; j < PREP_ROWS; ++j, out += step)
-    pv[j] = active && t0 + pr0 + j * SPLIT < w.hi ? ld_relaxed(out) : (u16)0;
-}
-
-// Steps 1-4 of every tile by the same threads, four barriers per tile. Tile k starts at token
-// first_token(k): on the sequence's TT grid in both directions (a chunk starts on it), so the
-// highest tile of a chunk is the partial one, the last walked forward and the first backward.
-// The output walk stores its first n_raw tiles, declares them done, then adds to its partner's
-// (flag polled once, by thread 0 before the third barrier of the first such tile: if set, the
-// partner's values load before the walk, else after it once the flag is seen).
+// Steps 1-4 of every tile by the same threads, four barriers per tile.
 template <bool FINAL>
 __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
                                      const float (&A)[NPT], const float (&W)[R], float bias,
                                      float D, float& dt_sum) {
   const int n_tiles = (w.hi - w.lo + TT - 1) / TT;
-  const auto first_token = [&](int k) { return w.lo + (w.rev ? n_tiles - 1 - k : k) * TT; };
-  // tiles [0, m) of the chunk are stored by the forward walk, [m, n_tiles) by the backward one
-  const int m = n_tiles / 2, n_raw = w.rev ? n_tiles - m : m;
   const int pc = PREP_C, pr0 = PREP_R0;  // steps 2 and 4: channel pc, tokens pr0 + k SPLIT
   const bool active = w.e0 + pc < w.E;
   float2 go[PREP_ROWS];  // step 2's gates for step 4
-  u16 pv[PREP_ROWS] = {};  // the partner's output of step 4's rows (the tiles added to)
-  bool partner_done = false;
   const SmemPtr sm = smem_ptr(&s);
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
-    if (k < n_tiles) issue_tile<FINAL, false>(sm, w, first_token(k), k);
+    if (k < n_tiles) issue_tile<FINAL, false>(sm, w, k, k);
     cp_async_commit();
   }
   for (int k = 0; k < n_tiles; ++k) {
     const int stage = k % STAGES;
-    const int t0 = first_token(k);
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile k is in; every thread is done with tile k - 1
-    const int kn = k + STAGES - 1;  // the tile issued now
-    if (kn < n_tiles) {
-      const int tn = first_token(kn);
-      if (tn + TT <= w.hi) issue_tile<FINAL, true>(sm, w, tn, kn % STAGES);
-      else issue_tile<FINAL, false>(sm, w, tn, kn % STAGES);
-    }
+    const int kn = k + STAGES - 1;  // the tile issued now; all but the chunk's last are whole
+    if (kn < n_tiles - 1) issue_tile<FINAL, true>(sm, w, kn, kn % STAGES);
+    else if (kn == n_tiles - 1) issue_tile<FINAL, false>(sm, w, kn, kn % STAGES);
     cp_async_commit();
     convert_tile(s, stage);  // the tile's x_dbl rows in fp32
     __syncthreads();
     prepare<FINAL>(s, stage, pc, pr0, W, bias, D, go);
-    const bool add = FINAL && k >= n_raw;
-    if (add && k == n_raw && threadIdx.x == 0) s.flag = ld_relaxed(w.other);
-    if (add && k == n_raw && !PREP_BY_ROW) __syncthreads();  // (PREP_SYNC is then a warp's)
-    else PREP_SYNC();
-    if (add && k == n_raw) partner_done = s.flag != 0;
-    if (add && partner_done) load_partner(w, t0, pc, pr0, active, pv);  // in flight over the walk
+    PREP_SYNC();
+    const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
     const int r0 = w.rev ? TT - 1 : 0, dr = w.rev ? -1 : 1;
-    const bool whole = t0 + TT <= w.hi;
+    const bool whole = t0 >= w.lo && t0 + TT <= w.hi;
     if (whole) {  // no token checks
       if (w.rev) walk_tile<FINAL, true>(s, c, lane, h, A, dt_sum);
       else walk_tile<FINAL, false>(s, c, lane, h, A, dt_sum);
     } else {
       for (int kk = 0; kk < TT; ++kk) {
         const int r = r0 + kk * dr;
-        if (t0 + r < w.hi) {
+        if (t0 + r >= w.lo && t0 + r < w.hi) {
           Operands o;
           fetch<FINAL>(s, r, c, lane, o);
           const float y = advance<FINAL>(o, h, A, dt_sum);
@@ -493,18 +417,7 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     }
     if (FINAL) {  // step 4
       PREP_SYNC();
-      if (add && !partner_done) {  // the walks met here: wait for the partner's stored half
-        if (threadIdx.x == 0)
-          while (ld_relaxed(w.other) == 0) {}
-        __syncthreads();
-        load_partner(w, t0, pc, pr0, active, pv);
-        partner_done = true;
-      }
-      output_tile(s, w, t0, whole, pc, pr0, go, active, add, pv);
-      if (k == n_raw - 1) {  // the stored half is done (every thread's stores: the barrier)
-        __syncthreads();
-        if (threadIdx.x == 0) red_add_release(w.mine, 1);
-      }
+      output_tile(s, w, t0, whole, pc, pr0, go, active);
     }
   }
   cp_async_wait<0>();
@@ -540,21 +453,18 @@ __device__ __forceinline__ void load_direction(
       int sx_b, int sx_l, const u16 *z, int sz_b, int sz_l, const float *W_f,                \
       const float *bias_f, const float *A_f, const float *D_f, const float *W_b,             \
       const float *bias_b, const float *A_b, const float *D_b, u16 *out, int so_b, int so_l, \
-      float *hsum, float *ssum, int *flags, int batch, int L, int E, int n_chunks, int chunk_l
+      float *hsum, float *ssum, int batch, int L, int E, int n_chunks, int chunk_l
 
 __device__ __forceinline__ Walk make_walk(int dir, int chunk, int b, int e0, const u16* u_f,
                                           const u16* u_b, int su_b, int su_l, const u16* x_f,
                                           const u16* x_b, int sx_b, int sx_l, const u16* z,
                                           int sz_b, int sz_l, u16* out, int so_b, int so_l,
-                                          int* mine, const int* other, int L, int E,
-                                          int chunk_l) {
+                                          int L, int E, int chunk_l) {
   Walk w;
   w.u = (dir ? u_b : u_f) + (i64)b * su_b + e0;
   w.z = z + (i64)b * sz_b + e0;
   w.xd = (dir ? x_b : x_f) + (i64)b * sx_b;
-  w.out = out + (i64)b * so_b + e0;
-  w.mine = mine;
-  w.other = other;
+  w.out = out + (i64)b * so_b + dir * E + e0;
   w.su_l = su_l; w.sz_l = sz_l; w.sx_l = sx_l; w.so_l = so_l;
   w.lo = chunk * chunk_l;
   w.hi = min(L, w.lo + chunk_l);
@@ -579,7 +489,7 @@ vim_scan_summary(SCAN_ARGS) {
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
                  A, W, bias, D, h);
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
-                           sz_l, out, so_b, so_l, nullptr, nullptr, L, E, chunk_l);
+                           sz_l, out, so_b, so_l, L, E, chunk_l);
   walk<false>(s, w, c, lane, h, A, W, bias, D, dt_sum);
   if (!active) return;
   const i64 row = ((i64)dir * batch + b) * n_chunks + chunk;  // (2, batch, n_chunks, [NS,] E)
@@ -588,20 +498,14 @@ vim_scan_summary(SCAN_ARGS) {
   if (lane == 0) ssum[row * E + e0 + c] = dt_sum;
 }
 
-// Outputs: 2 * n_chunks * batch * channel blocks (the grid's shape is not used: blocks take
-// their work by start order). With n_chunks > 1 each chunk first combines the summaries of the
-// chunks before it in its walk order.
+// Outputs: grid.z = 2 * n_chunks (forward chunks, then backward chunks). With n_chunks > 1 each
+// chunk first combines the summaries of the chunks before it in its walk order.
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS)
 vim_scan_final(SCAN_ARGS) {
   BLOCK_TILES(s);
-  // What this block walks, by the order blocks start (flags[0] counts them): 2 pair + dir, the
-  // pair a (chunk, batch row, channel block), so a block's partner started before it or is the
-  // next to start. Then two flags per pair, forward and backward (their stored halves done).
-  if (threadIdx.x == 0) s.flag = atom_add_relaxed(flags, 1);
-  __syncthreads();
-  const int id = s.flag, dir = id & 1, pair = id >> 1, n_eb = (E + CH - 1) / CH;
-  const int e0 = pair % n_eb * CH, b = pair / n_eb % batch, chunk = pair / (n_eb * batch);
-  int* const mine = flags + 1 + 2 * (i64)pair;
+  const int dir = blockIdx.z / n_chunks;
+  const int chunk = blockIdx.z % n_chunks;
+  const int b = blockIdx.y, e0 = blockIdx.x * CH;
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
   float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
@@ -618,6 +522,6 @@ vim_scan_final(SCAN_ARGS) {
       h[j] = fmaf(ex2(S * A[j]), h[j], hsum[(row * NS + lane * NPT + j) * E + ec]);
   }
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
-                           sz_l, out, so_b, so_l, mine + dir, mine + (1 - dir), L, E, chunk_l);
+                           sz_l, out, so_b, so_l, L, E, chunk_l);
   walk<true>(s, w, c, lane, h, A, W, bias, D, dt_sum);
 }
