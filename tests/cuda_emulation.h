@@ -33,6 +33,7 @@ struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 template <class To, class From> inline To bits(From v) { To t; std::memcpy(&t, &v, sizeof t); return t; }
 inline float __uint_as_float(unsigned v) { return bits<float>(v); }
 inline float __int_as_float(int v) { return bits<float>(v); }
@@ -61,6 +62,21 @@ inline u16 from_f32(float f) {  // round to nearest even, like cvt.rn
 inline float ex2(float x) { return std::exp2(x); }
 inline float lg2(float x) { return std::log2(x); }
 inline float tanh_approx(float x) { return std::tanh(x); }
+// fp16 pairs (element 0 in the low half), as fma.rn.f16x2 / cvt.rn.f16x2.f32 / cvt.f32.f16 do
+// them: the product and sum in double (exact for these operands), then one rounding to fp16
+inline float h16(unsigned v, int hi) { return (float)bits<_Float16>((u16)(hi ? v >> 16 : v)); }
+inline unsigned pack_h2(float lo, float hi) {
+  return bits<u16>((_Float16)lo) | ((unsigned)bits<u16>((_Float16)hi) << 16);
+}
+inline unsigned hfma2(unsigned a, unsigned b, unsigned c) {
+  unsigned d = 0;
+  for (int hi = 0; hi < 2; ++hi) {
+    const double v = (double)h16(a, hi) * h16(b, hi) + h16(c, hi);
+    d |= (unsigned)bits<u16>((_Float16)v) << (16 * hi);
+  }
+  return d;
+}
+inline float h2_sum(unsigned v) { return h16(v, 0) + h16(v, 1); }
 typedef unsigned char* SmemPtr;
 inline SmemPtr smem_ptr(const void* p) { return (SmemPtr)p; }
 template <int BYTES> inline void cp_async(SmemPtr dst, const void* src, bool valid) {

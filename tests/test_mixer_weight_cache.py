@@ -5,7 +5,7 @@ parameters keep their storages) after any parameter update, stays out of the sta
 out of copies. The branch itself needs CUDA, so the forward tests take it on the CPU
 (``forward_triton`` called directly) with the scan replaced by a stand-in (its PyTorch twin) and
 compare with the branch as it was written before the cache: bit-identical outputs, and the scan
-gets float32 contiguous tensors that ``cuda_scan._direction`` passes on without copies.
+gets the cached tensors (``cuda_scan.kernel_direction``) without copies.
 """
 import copy
 import pickle
@@ -36,7 +36,10 @@ def uncached(mixer, dtype):
     return dict(in_proj=mixer.in_proj.weight.to(dtype),
                 x_proj=[F.pad(p['x_proj_w'], (0, 0, 0, -width % 8)).to(dtype) for p in dirs],
                 out_proj=mixer.out_proj.weight.repeat(1, 2).to(dtype),
-                fwd=cuda_scan._direction(dirs[0]), bwd=cuda_scan._direction(dirs[1]))
+                fwd=[*cuda_scan._direction(dirs[0]),
+                     *cuda_scan.kernel_weights(dirs[0]).values()],
+                bwd=[*cuda_scan._direction(dirs[1]),
+                     *cuda_scan.kernel_weights(dirs[1]).values()])
 
 
 def assert_matches(weights, mixer, dtype):
@@ -46,9 +49,10 @@ def assert_matches(weights, mixer, dtype):
         assert got.dtype == dtype and not got.requires_grad and torch.equal(got, ref)
     assert weights.x_proj[0].shape == (16, mixer.d_inner)
     for got, ref in [(weights.fwd, want['fwd']), (weights.bwd, want['bwd'])]:
-        assert list(got) == ['dt_proj_w', 'dt_bias', 'A', 'D']
-        for t, r in zip(got.values(), ref):
-            assert t.dtype == torch.float32 and t.is_contiguous() and not t.requires_grad
+        assert list(got) == ['dt_proj_w', 'dt_bias', 'A', 'D', *cuda_scan.KERNEL_KEYS]
+        for (key, t), r in zip(got.items(), ref):
+            assert t.dtype == (torch.float16 if key == 'kernel_w' else torch.float32)
+            assert t.is_contiguous() and not t.requires_grad
             assert torch.equal(t, r)
 
 
@@ -220,7 +224,7 @@ def test_inference_mode():
 # ----------------------------------------------------------- the C++-scan branch, on the CPU
 class FakeScan:
     """``bidirectional_scan_infer`` on the CPU: checks the launch plan's layout rules, records
-    what ``_direction`` hands the kernel, and returns [y, y / 3] (the reference's summed
+    what ``kernel_direction`` hands the kernel, and returns [y, y / 3] (the reference's summed
     directions, in the activations' dtype)."""
 
     def __init__(self):
@@ -273,9 +277,10 @@ def test_cpp_scan_branch_is_bit_identical_and_copies_nothing(fake_scan, mode):
     cached = mixer._weight_cache.entries[(CPU, torch.bfloat16)][1]
     for fwd, bwd, direction_args in fake_scan.calls:
         assert fwd is cached.fwd and bwd is cached.bwd
-        # _direction's .float().contiguous() hands the cached tensors on: no copy kernels
+        # kernel_direction hands the cached kernel forms (and A) on: no copy kernels
         assert [t.data_ptr() for t in direction_args] == [
-            t.data_ptr() for t in (*cached.fwd.values(), *cached.bwd.values())]
+            d[key].data_ptr() for d in (cached.fwd, cached.bwd)
+            for key in ('kernel_w', 'kernel_bias', 'A', 'kernel_D')]
 
 
 def test_cpp_scan_branch_takes_the_fused_conv_xproj_where_it_applies(fake_scan, monkeypatch):

@@ -153,11 +153,13 @@ class BiMambaMixer(nn.Module):
         where they need gradients). The casts are the casts autocast would make, the pad the
         pad, so ``F.linear`` gives bit-identical outputs with these as with the parameters."""
         from ..ops.cuda_conv_xproj import stack_conv_weights
-        from ..ops.cuda_scan import _direction
+        from ..ops.cuda_scan import _direction, kernel_weights
         width = self.dt_rank + 2 * self.d_state
         dirs = self.direction_params(''), self.direction_params('_b')
         scan = [dict(zip(('dt_proj_w', 'dt_bias', 'A', 'D'), _direction(p)))  # as the scan takes
                 for p in dirs]
+        for p in scan:  # and the forms the kernel computes with
+            p.update(kernel_weights(p))
         return InferenceWeights(
             in_proj=self.in_proj.weight.to(dtype),
             x_proj=torch.stack([F.pad(p['x_proj_w'], (0, 0, 0, -width % 8)).to(dtype)

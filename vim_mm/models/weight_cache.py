@@ -20,7 +20,8 @@ class InferenceWeights:
     ``in_proj``'s weight, ``x_proj``'s of both directions stacked (2, rows, E) (rows padded to
     a multiple of 8: one batched GEMM) and
     ``out_proj``'s repeated ``(1, 2)`` in that dtype; per direction ``dt_proj_w``, ``dt_bias``,
-    ``A = -exp(A_log)`` and ``D`` in float32, contiguous (as the scan takes them); both convs'
+    ``A = -exp(A_log)`` and ``D`` in float32, contiguous, and the forms the C++ scan computes
+    with (``cuda_scan.kernel_weights``: ``kernel_w``, ``kernel_bias``, ``kernel_D``); both convs'
     taps (2, E, 4) and biases (2, E) in float32 (as the fused conv + x_proj kernel takes them).
     """
     in_proj: torch.Tensor

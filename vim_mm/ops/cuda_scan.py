@@ -226,13 +226,13 @@ def staged_width(width: int, piece_bytes: int) -> int:
 
 
 def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
-    """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, their fp32 rows and
-    (l, dt u) per token and channel (two spare rows each), the lanes' partial outputs (the gates
-    stay in registers since v13)."""
+    """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, x_dbl's [B | C] in fp32
+    and (l, dt u) per token and channel (two spare rows each), the lanes' partial outputs (the
+    gates stay in registers since v13), the dt columns as fp16 pairs (16-byte rows, two spare)."""
     width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
     staged = staged_width(width, cfg.x_piece)
-    return (stages * T * (2 * C + staged) * 2 + (T + 2) * -(-width // 4) * 16
-            + (T + 2) * C * 8 + T * C * cfg.split * 4)
+    return (stages * T * (2 * C + staged) * 2 + (T + 2) * 2 * d_state * 4
+            + (T + 2) * C * 8 + T * C * cfg.split * 4 + (T + 2) * -(-dt_rank // 8) * 16)
 
 
 def fitted(cfg: InferScanConfig, d_state: int, dt_rank: int) -> InferScanConfig:
@@ -292,6 +292,28 @@ def _direction(p: dict):
     return [t.detach().float().contiguous() for t in (p['dt_proj_w'], p['dt_bias'], p['A'], p['D'])]
 
 
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+FP16_MAX = 65504.
+KERNEL_KEYS = ('kernel_w', 'kernel_bias', 'kernel_D')
+
+
+def kernel_weights(p: dict) -> dict:
+    """What the kernel takes of a direction's dt_proj and D (it computes in base 2 and keeps the
+    state divided by ln 2, ``csrc/bimamba_scan_fwd.cu``): dt_proj's weight times log2(e) in
+    fp16 (its HFMA2s; clamped to fp16's range), the dt bias times log2(e) and D / ln 2 in fp32.
+    The mixer caches them with its other inference weights, so no call derives them."""
+    w, bias, _, D = _direction(p)
+    return dict(kernel_w=(w * LOG2E).clamp(-FP16_MAX, FP16_MAX).half().contiguous(),
+                kernel_bias=(bias * LOG2E).contiguous(), kernel_D=(D / LN2).contiguous())
+
+
+def kernel_direction(p: dict):
+    """The kernel's four direction arguments (:func:`kernel_weights`, and A in fp32): the cached
+    tensors where ``p`` has them (no copies), else derived from the parameters."""
+    k = p if all(key in p for key in KERNEL_KEYS) else kernel_weights(p)
+    return [k['kernel_w'], k['kernel_bias'], p['A'].detach().float().contiguous(), k['kernel_D']]
+
+
 def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfig | None,
                 sm_count: int):
     """What :func:`bidirectional_scan_infer` launches, on the inputs' device: the fitted config,
@@ -320,7 +342,7 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
     else:
         hsum = ssum = out
     args = [u_f, u_b, u_f.stride(0), u_f.stride(1), x_f, x_b, x_f.stride(0), x_f.stride(1),
-            z, z.stride(0), z.stride(1), *_direction(fwd), *_direction(bwd),
+            z, z.stride(0), z.stride(1), *kernel_direction(fwd), *kernel_direction(bwd),
             out, out.stride(0), out.stride(1), hsum, ssum, batch, L, E, n_chunks, chunk_l]
     grid_x, block = math.ceil(E / cfg.channels), (cfg.channels * cfg.split, 1, 1)
     launches = [('vim_scan_final', (grid_x, batch, 2 * n_chunks), block)]

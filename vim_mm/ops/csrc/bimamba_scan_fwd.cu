@@ -1,10 +1,18 @@
 // Inference scan of the Vim mixer, both directions, in CUDA C++ (compiled at run time by NVRTC).
 //
 // What one call computes, for a (batch, L, E) token-major layout (vim_mm/ops/cuda_scan.py):
-//   dt_t  = softplus(W_dt . xdbl_t[dt] + bias)                (dt_proj folded in: R FMAs)
+//   dt_t  = softplus(W_dt . xdbl_t[dt] + bias)                (dt_proj folded in: R / 2 HFMA2s)
 //   h_t   = exp(dt_t A) h_{t-1} + dt_t B_t u_t                 (forward: t = 0..L-1)
 //   h_t   = exp(dt_t A) h_{t+1} + dt_t B_t u_t                 (backward: t = L-1..0)
 //   out[t, dir * E + e] = (C_t . h_t + D u_t) * silu(z_t) / 2  (out_proj sums the two halves)
+// In base 2 throughout (v19): the wrapper passes W_dt and bias times log2(e), so the dt_proj
+// sum x' is softplus's argument in log2 units and l = log2(1 + 2^x') = dt / ln 2; the state
+// kept is h / ln 2 (h' = 2^(l A) h' + l B u), so C . h' times ln 2 is C . h: the ln 2 rides on
+// the gate (q below), and D comes divided by ln 2 so that D u times that gate is D u silu(z) / 2.
+// No FMUL per (token, channel) for either constant. dt_proj's R products per (token, channel)
+// are R / 2 fp16x2 FMAs (fma.rn.f16x2) of W_dt (fp16, from the wrapper) and the tile's dt
+// columns converted to fp16 pairs once per tile (xh): a chain of R / 2 fp16 roundings, less
+// than the bf16 rounding of the dt_proj output that mamba-ssm's path (the authors') has.
 //
 // Why it is shaped like this: every (token, channel, state, direction) needs one exp, and the
 // MUFU unit does 16 per clock per SM, so the kernel computes each exp ONCE and walks the whole
@@ -59,15 +67,18 @@
 // (commit a3c4778): 0.6% slower at 16 x 4097 (results/h200_infer_scan_v18_ab.json).
 
 // x_dbl rows are copied in XV-byte pieces (16 where the rows are 16-byte aligned and padded, as
-// the mixer makes them; else 8): XWP elements of each row are staged. The fp32 copy of a tile
-// drops the staging pad past whole float4s, [dt | B | C | pad to 4] (Vim: 44 of 48, which lets
-// five 32-channel blocks share an SM's 228 KB).
+// the mixer makes them; else 8): XWP elements of each row are staged. A tile's rows are then
+// converted once for the lanes: [B | C] to fp32 (xf), dt to fp16 pairs (xh, step 2's only
+// reader of it): Vim's 44 staged columns take 176 bytes per row as fp32 [dt | B | C] (v18),
+// 128 + 32 now, so that five 32-channel blocks still share an SM's 228 KB.
 #define XWP ((XW * 2 + XV - 1) / XV * XV / 2)
-#define XF ((XW + 3) / 4 * 4)             // fp32 row of a tile
-#define XB R                              // where B starts in a row
-#define XC (R + NS)                       // where C starts
+#define XF (2 * NS)                       // fp32 row of a tile: [B | C]
+#define XB 0                              // where B starts in a row of xf
+#define XC NS                             // where C starts
 #define NT (CH * SPLIT)                   // threads of a block
 #define NPT (NS / SPLIT)                  // states per lane
+#define RH (R / 2)                        // fp16 pairs of a token's dt columns
+#define XH ((RH + 3) / 4 * 4)             // a row of xh, whole 16-byte vectors
 // Steps 2 and 4 handle (token row, channel) pairs. PREP_BY_ROW=0: thread (c, lane) of the walk
 // takes its own channel c and the rows lane, lane + SPLIT, ... (a warp touches SPLIT rows, with
 // a row stride of a multiple of 128 bytes: bank conflicts, measured), so a __syncwarp orders
@@ -98,6 +109,27 @@ __device__ __forceinline__ float lg2(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// fp16 pairs in a 32-bit word (element 0 in the low half): d = a b + c per half, one rounding
+__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
+  unsigned d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ unsigned pack_h2(float lo, float hi) {
+  unsigned d;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+// the sum of a pair's two halves, in fp32
+__device__ __forceinline__ float h2_sum(unsigned v) {
+  float lo, hi;
+  asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+      : "=f"(lo), "=f"(hi) : "r"(v));
+  return lo + hi;
 }
 #endif  // VIM_SCAN_EMULATE
 
@@ -139,9 +171,10 @@ struct Tiles {
   u16 u[STAGES][TT][CH];
   u16 z[STAGES][TT][CH];
   u16 x[STAGES][TT][XWP];
-  float xf[TT + 2][XF];     // the tile's [dt | B | C] in fp32, read by every lane
+  float xf[TT + 2][XF];     // the tile's [B | C] in fp32, read by every lane
   float2 ld[TT + 2][CH];    // (log2(1 + e^x), dt u) per token and channel
   float yp[TT][CH][SPLIT];  // the lanes' partial C . h
+  unsigned xh[TT + 2][XH];  // the tile's dt columns as fp16 pairs (rows one down, like xf)
 };
 
 // Where a block's tiles live: static shared memory (at most 48 KB), or with DYN_SMEM dynamic
@@ -223,41 +256,42 @@ __device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, int k, int
 constexpr int PREP_ROWS = TT / SPLIT;
 template <bool FINAL>
 __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0,
-                                        const float (&W)[R], float bias, float D,
+                                        const unsigned (&W)[RH], float bias, float D,
                                         float2 (&go)[PREP_ROWS]) {
   constexpr int K = PREP_ROWS;
-  constexpr float LOG2E = 1.4426950408889634f;
   float x[K], u[K], zz[K], e[K], l[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int r = r0 + k * SPLIT;
-    const float* xf = s.xf[r + 1];
-    float x0 = bias, x1 = 0.f, x2 = 0.f;  // three short FMA chains instead of one of length R
+    unsigned xh[XH];  // the row's dt pairs, as 16-byte vectors (the row is 16-byte aligned)
 #pragma unroll
-    for (int j = 0; j < R; j += 3) {
-      x0 = fmaf(W[j], xf[j], x0);
-      if (j + 1 < R) x1 = fmaf(W[j + 1], xf[j + 1], x1);
-      if (j + 2 < R) x2 = fmaf(W[j + 2], xf[j + 2], x2);
+    for (int j = 0; j < XH; j += 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(&s.xh[r + 1][j]);
+      xh[j] = v.x; xh[j + 1] = v.y; xh[j + 2] = v.z; xh[j + 3] = v.w;
     }
-    x[k] = x0 + (x1 + x2);
+    unsigned acc = 0u;  // (+0, +0)
+#pragma unroll
+    for (int j = 0; j < RH; ++j) acc = hfma2(W[j], xh[j], acc);
+    x[k] = bias + h2_sum(acc);  // log2 units (W and bias times log2(e))
     u[k] = to_f32(s.u[stage][r][c]);
     if (FINAL) zz[k] = to_f32(s.z[stage][r][c]);
   }
-  // softplus in base 2: l = log2(1 + e^x), dt = l ln2, and exp(dt A) = 2^(l A)
+  // softplus in base 2: l = log2(1 + 2^x) = dt / ln 2, and exp(dt A) = 2^(l A)
+  constexpr float BIG = 20.f * 1.4426950408889634f;  // softplus(x) = x past x = 20
 #pragma unroll
-  for (int k = 0; k < K; ++k) e[k] = ex2(x[k] * LOG2E);
+  for (int k = 0; k < K; ++k) e[k] = ex2(x[k]);
 #pragma unroll
-  for (int k = 0; k < K; ++k) l[k] = x[k] > 20.f ? x[k] * LOG2E : lg2(1.f + e[k]);
+  for (int k = 0; k < K; ++k) l[k] = x[k] > BIG ? x[k] : lg2(1.f + e[k]);
 #pragma unroll
-  for (int k = 0; k < K; ++k)
-    s.ld[r0 + k * SPLIT + 1][c] = make_float2(l[k], l[k] * 0.6931471805599453f * u[k]);
-  if (FINAL) {  // the gate silu(z) / 2 and D u times it
+  for (int k = 0; k < K; ++k)  // (l, l u): the state is h / ln 2
+    s.ld[r0 + k * SPLIT + 1][c] = make_float2(l[k], l[k] * u[k]);
+  if (FINAL) {  // the gate silu(z) / 2 times ln 2 (for h / ln 2), and D u times it (D / ln 2)
 #pragma unroll
     for (int k = 0; k < K; ++k) e[k] = tanh_approx(0.5f * zz[k]);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const float q = 0.25f * zz[k];
-      const float g = fmaf(q, e[k], q);  // z sigmoid(z) / 2 = z (1 + tanh(z / 2)) / 4
+      const float q = (0.25f * 0.6931471805599453f) * zz[k];
+      const float g = fmaf(q, e[k], q);  // ln 2 z sigmoid(z) / 2 = ln 2 z (1 + tanh(z / 2)) / 4
       go[k] = make_float2(g, D * u[k] * g);
     }
   }
@@ -337,8 +371,8 @@ __device__ __forceinline__ void walk_tile(Tiles& s, int c, int lane, float (&h)[
   }
 }
 
-// Step 1: the staged tile's x_dbl rows in fp32 into xf: one pass over the rows' float4s
-// (flat where the rows are as wide as staged), by the threads that stage tiles (threadIdx.x of NT).
+// Step 1: the staged tile's x_dbl rows converted, by the threads that stage tiles (threadIdx.x
+// of NT): [B | C] in fp32 into xf, one pass over their float4s, then dt as fp16 pairs into xh.
 __device__ __forceinline__ void convert_tile(Tiles& s, int stage) {
   constexpr int QR = XF / 4, QN = TT * QR;
   const uint2* src = reinterpret_cast<const uint2*>(&s.x[stage][0][0]);
@@ -347,8 +381,19 @@ __device__ __forceinline__ void convert_tile(Tiles& s, int stage) {
   for (int j = 0; j < (QN + NT - 1) / NT; ++j) {
     const int i = threadIdx.x + j * NT;
     if (QN % NT != 0 && i >= QN) break;
-    const uint2 v = src[XF == XWP ? i : i / QR * (XWP / 4) + i % QR];
+    const uint2 v = src[i / QR * (XWP / 4) + R / 4 + i % QR];  // past the row's dt columns
     dst[i] = make_float4(lo_f32(v.x), hi_f32(v.x), lo_f32(v.y), hi_f32(v.y));
+  }
+  // the dt columns again as fp16 pairs for step 2's HFMA2s: R / 4 pieces of 4 per row
+  constexpr int HQ = R / 4, HN = TT * HQ;
+#pragma unroll
+  for (int j = 0; j < (HN + NT - 1) / NT; ++j) {
+    const int i = threadIdx.x + j * NT;
+    if (HN % NT != 0 && i >= HN) break;
+    const int row = i / HQ, q = i % HQ;
+    const uint2 v = src[row * (XWP / 4) + q];
+    *reinterpret_cast<uint2*>(&s.xh[row + 1][2 * q]) =
+        make_uint2(pack_h2(lo_f32(v.x), hi_f32(v.x)), pack_h2(lo_f32(v.y), hi_f32(v.y)));
   }
 }
 
@@ -374,7 +419,7 @@ __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t
 // Steps 1-4 of every tile by the same threads, four barriers per tile.
 template <bool FINAL>
 __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
-                                     const float (&A)[NPT], const float (&W)[R], float bias,
+                                     const float (&A)[NPT], const unsigned (&W)[RH], float bias,
                                      float D, float& dt_sum) {
   const int n_tiles = (w.hi - w.lo + TT - 1) / TT;
   const int pc = PREP_C, pr0 = PREP_R0;  // steps 2 and 4: channel pc, tokens pr0 + k SPLIT
@@ -427,10 +472,11 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
 // A: this lane's states of the walk's channel e; W, bias, D: channel e0 + PREP_C, which this
 // thread prepares (channels past E read channel 0 and store nothing); h: the zero state.
 __device__ __forceinline__ void load_direction(
-    int dir, int e, int lane, bool active, int e0, int E, const float* W_f, const float* bias_f,
-    const float* A_f, const float* D_f, const float* W_b, const float* bias_b, const float* A_b,
-    const float* D_b, float (&A)[NPT], float (&W)[R], float& bias, float& D, float (&h)[NPT]) {
-  const float* Wp = dir ? W_b : W_f;
+    int dir, int e, int lane, bool active, int e0, int E, const unsigned* W_f,
+    const float* bias_f, const float* A_f, const float* D_f, const unsigned* W_b,
+    const float* bias_b, const float* A_b, const float* D_b, float (&A)[NPT], unsigned (&W)[RH],
+    float& bias, float& D, float (&h)[NPT]) {
+  const unsigned* Wp = dir ? W_b : W_f;
   const float* Ap = dir ? A_b : A_f;
   const int ec = active ? e : 0;
 #if PREP_BY_ROW
@@ -441,7 +487,7 @@ __device__ __forceinline__ void load_direction(
 #pragma unroll
   for (int j = 0; j < NPT; ++j) A[j] = Ap[ec * NS + lane * NPT + j];
 #pragma unroll
-  for (int j = 0; j < R; ++j) W[j] = Wp[ep * R + j];
+  for (int j = 0; j < RH; ++j) W[j] = Wp[ep * RH + j];
   bias = (dir ? bias_b : bias_f)[ep];
   D = (dir ? D_b : D_f)[ep];
 #pragma unroll
@@ -450,8 +496,8 @@ __device__ __forceinline__ void load_direction(
 
 #define SCAN_ARGS                                                                            \
   const u16 *u_f, const u16 *u_b, int su_b, int su_l, const u16 *x_f, const u16 *x_b,        \
-      int sx_b, int sx_l, const u16 *z, int sz_b, int sz_l, const float *W_f,                \
-      const float *bias_f, const float *A_f, const float *D_f, const float *W_b,             \
+      int sx_b, int sx_l, const u16 *z, int sz_b, int sz_l, const unsigned *W_f,             \
+      const float *bias_f, const float *A_f, const float *D_f, const unsigned *W_b,          \
       const float *bias_b, const float *A_b, const float *D_b, u16 *out, int so_b, int so_l, \
       float *hsum, float *ssum, int batch, int L, int E, int n_chunks, int chunk_l
 
@@ -485,7 +531,8 @@ vim_scan_summary(SCAN_ARGS) {
   const int b = blockIdx.y, e0 = blockIdx.x * CH;
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
-  float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
+  float A[NPT], bias, D, h[NPT], dt_sum = 0.f;
+  unsigned W[RH];
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
                  A, W, bias, D, h);
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
@@ -508,7 +555,8 @@ vim_scan_final(SCAN_ARGS) {
   const int b = blockIdx.y, e0 = blockIdx.x * CH;
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
-  float A[NPT], W[R], bias, D, h[NPT], dt_sum = 0.f;
+  float A[NPT], bias, D, h[NPT], dt_sum = 0.f;
+  unsigned W[RH];
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
                  A, W, bias, D, h);
   const int n_before = dir ? n_chunks - 1 - chunk : chunk;
