@@ -42,10 +42,19 @@ def main():
     parser.add_argument('--out')
     parser.add_argument('--dtype', default='bfloat16')
     parser.add_argument('--sweep', action='store_true', help='time every setting of GRID too')
+    parser.add_argument('--grid', type=json.loads, default=None,
+                        help='JSON dict replacing entries of GRID, e.g. \'{"block_n": [64, 256]}\'')
+    parser.add_argument('--shapes', type=int, nargs='+', default=None,
+                        help='indices into SHAPES (default: all)')
     args = parser.parse_args()
+    grid = {**GRID, **(args.grid or {})}
+    unknown = set(grid) - set(GRID)
+    if unknown:
+        parser.error(f'--grid: unknown settings {sorted(unknown)}; known: {sorted(GRID)}')
+    shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
     dtype = getattr(torch, args.dtype)
     rows = []
-    for batch, res, dims in SHAPES:
+    for batch, res, dims in shapes:
         g = torch.Generator(device='cuda').manual_seed(res)
         image = torch.randn(batch, 3, res, res, device='cuda', generator=g)
         weight = torch.randn(dims, 3, 16, 16, device='cuda', generator=g) / 28
@@ -65,8 +74,8 @@ def main():
             row['bytes_min'] = image.numel() * 4 + got.numel() * 4
             if args.sweep:
                 row['sweep'] = []
-                for values in itertools.product(*GRID.values()):
-                    opt = dict(zip(GRID, values))
+                for values in itertools.product(*grid.values()):
+                    opt = dict(zip(grid, values))
                     try:
                         ms = timed(lambda: pe.patch_embed_with_position(
                             image, weight, bias, pos, 16, dtype, **opt))
