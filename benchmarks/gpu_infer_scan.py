@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vim_mm.ops import cuda_scan  # noqa: E402
 from vim_mm.ops.cuda_scan import (PRESETS, InferScanConfig, auto_config,  # noqa: E402
                                   bidirectional_scan_infer,
-                                  bidirectional_scan_infer_reference, fitted, launch_plan)
+                                  bidirectional_scan_infer_reference, fitted, kernel_weights,
+                                  launch_plan)
 from vim_mm.models.cuda_graph import capture_cuda_graph  # noqa: E402
 from vim_mm.ops.triton_scan import bidirectional_selective_scan  # noqa: E402
 
@@ -88,6 +89,8 @@ def make_inputs(batch, L, E, N, R, dtype, seed=0):
                          dt_bias=dt + torch.log(-torch.expm1(-dt)),
                          A=A * (0.5 + torch.rand(E, N, device='cuda', generator=g)),
                          D=randn(E)))
+    for p in dirs:  # the kernel's forms, derived once as the mixer caches them (not per call)
+        p.update(kernel_weights(p))
     return us, xs, z, dirs
 
 
