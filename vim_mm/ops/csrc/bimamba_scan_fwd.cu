@@ -84,25 +84,17 @@
 // a row stride of a multiple of 128 bytes: bank conflicts, measured), so a __syncwarp orders
 // them with the walk. PREP_BY_ROW=1: thread i takes channel i % CH of the rows i / CH + k SPLIT
 // (a warp touches one row: conflict-free, global stores coalesced), and needs __syncthreads.
-// With PREP_BY_ROW a thread takes CPT = 2 neighbouring channels of its rows (v20: the rows'
-// dt pairs read once for both, u, z, (l, dt u) and the outputs moved 2 channels at a time);
-// thread i takes channels 2 (i % (CH / 2)) + {0, 1} of the rows i / (CH / 2) + k PREP_STEP.
 #if PREP_BY_ROW
-#define CPT 2
-#define PREP_C (threadIdx.x % (CH / CPT) * CPT)
-#define PREP_R0 (threadIdx.x / (CH / CPT))
+#define PREP_C (threadIdx.x % CH)
+#define PREP_R0 (threadIdx.x / CH)
 #define PREP_SYNC __syncthreads
 #else
-#define CPT 1
 #define PREP_C (threadIdx.x / SPLIT)
 #define PREP_R0 (threadIdx.x % SPLIT)
 #define PREP_SYNC __syncwarp
 #endif
-#define PREP_STEP (SPLIT * CPT)  // the rows of a thread in steps 2 and 4: r0 + k PREP_STEP
 static_assert(NS % 4 == 0 && R % 4 == 0 && NS % SPLIT == 0 && 32 % SPLIT == 0,
               "vim_scan: NS and R must be multiples of 4, SPLIT divide NS and 32");
-static_assert(TT % PREP_STEP == 0 && CH % 8 == 0,
-              "vim_scan: TT a multiple of SPLIT (of 2 SPLIT with PREP_BY_ROW), CH of 8");
 
 // The scan's own PTX helpers (the shared ones, u16, to_f32, cp_async, ...: ptx_helpers.cuh, put
 // in front of this file by the wrapper); tests/cuda_emulation.h has their C++ versions.
@@ -254,76 +246,53 @@ __device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, int k, int
   }
 }
 
-// Step 2: the part of a token that does not depend on the state, for channels c .. c + CPT - 1
-// and the tokens r0, r0 + PREP_STEP, ... of the tile (see PREP_BY_ROW for which thread takes
-// which). r0 < PREP_STEP, so every thread takes exactly PREP_ROWS rows (a fixed count: unrolled
-// with no exit branches). Written stage by stage over the (row, channel) pairs, so each MUFU
-// stage has PREP_ROWS x CPT independent operations in flight (written row by row, the SASS ran
-// one row's dependent chain at a time). The gate and D u gate stay in this thread's registers
-// (go): step 4 takes the same rows and channels (the tenth session's kernel passed them
-// through shared memory).
-constexpr int PREP_ROWS = TT / PREP_STEP, PK = PREP_ROWS * CPT;  // rows, (row, channel) pairs
-
-// channel c's 16-bit value of a tile row in fp32, and with CPT = 2 channel c + 1's in v1 (one
-// 32-bit load for both; c is even)
-__device__ __forceinline__ void load_channels(const u16* p, float& v0, float& v1) {
-  if (CPT == 2) {
-    const unsigned w = *reinterpret_cast<const unsigned*>(p);
-    v0 = lo_f32(w);
-    v1 = hi_f32(w);
-  } else {
-    v0 = to_f32(p[0]);
-  }
-}
-
+// Step 2: the part of a token that does not depend on the state, for channel c and the tokens
+// r0, r0 + SPLIT, ... of the tile (see PREP_BY_ROW for which thread takes which).
+// r0 < SPLIT, so every thread takes exactly TT / SPLIT rows (a fixed count: unrolled with no exit
+// branches). Written stage by stage over the rows, so each MUFU stage has TT / SPLIT independent
+// operations in flight (written row by row, the SASS ran one row's dependent chain at a time).
+// The gate and D u gate stay in this thread's registers (go): step 4 takes the same rows and
+// channel (the tenth session's kernel passed them through shared memory).
+constexpr int PREP_ROWS = TT / SPLIT;
 template <bool FINAL>
 __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0,
-                                        const unsigned (&W)[CPT][RH], const float (&bias)[CPT],
-                                        const float (&D)[CPT], float2 (&go)[PK]) {
-  float x[PK], u[PK], zz[PK], e[PK], l[PK];
+                                        const unsigned (&W)[RH], float bias, float D,
+                                        float2 (&go)[PREP_ROWS]) {
+  constexpr int K = PREP_ROWS;
+  float x[K], u[K], zz[K], e[K], l[K];
 #pragma unroll
-  for (int k = 0; k < PREP_ROWS; ++k) {
-    const int r = r0 + k * PREP_STEP;
+  for (int k = 0; k < K; ++k) {
+    const int r = r0 + k * SPLIT;
     unsigned xh[XH];  // the row's dt pairs, as 16-byte vectors (the row is 16-byte aligned)
 #pragma unroll
     for (int j = 0; j < XH; j += 4) {
       const uint4 v = *reinterpret_cast<const uint4*>(&s.xh[r + 1][j]);
       xh[j] = v.x; xh[j + 1] = v.y; xh[j + 2] = v.z; xh[j + 3] = v.w;
     }
+    unsigned acc = 0u;  // (+0, +0)
 #pragma unroll
-    for (int q = 0; q < CPT; ++q) {
-      unsigned acc = 0u;  // (+0, +0)
-#pragma unroll
-      for (int j = 0; j < RH; ++j) acc = hfma2(W[q][j], xh[j], acc);
-      x[k * CPT + q] = bias[q] + h2_sum(acc);  // log2 units (W and bias times log2(e))
-    }
-    load_channels(&s.u[stage][r][c], u[k * CPT], u[k * CPT + CPT - 1]);
-    if (FINAL) load_channels(&s.z[stage][r][c], zz[k * CPT], zz[k * CPT + CPT - 1]);
+    for (int j = 0; j < RH; ++j) acc = hfma2(W[j], xh[j], acc);
+    x[k] = bias + h2_sum(acc);  // log2 units (W and bias times log2(e))
+    u[k] = to_f32(s.u[stage][r][c]);
+    if (FINAL) zz[k] = to_f32(s.z[stage][r][c]);
   }
   // softplus in base 2: l = log2(1 + 2^x) = dt / ln 2, and exp(dt A) = 2^(l A)
   constexpr float BIG = 20.f * 1.4426950408889634f;  // softplus(x) = x past x = 20
 #pragma unroll
-  for (int k = 0; k < PK; ++k) e[k] = ex2(x[k]);
+  for (int k = 0; k < K; ++k) e[k] = ex2(x[k]);
 #pragma unroll
-  for (int k = 0; k < PK; ++k) l[k] = x[k] > BIG ? x[k] : lg2(1.f + e[k]);
+  for (int k = 0; k < K; ++k) l[k] = x[k] > BIG ? x[k] : lg2(1.f + e[k]);
 #pragma unroll
-  for (int k = 0; k < PREP_ROWS; ++k) {  // (l, l u): the state is h / ln 2
-    const int i = k * CPT;
-    float2* ld = &s.ld[r0 + k * PREP_STEP + 1][c];
-    if (CPT == 2)
-      *reinterpret_cast<float4*>(ld) =
-          make_float4(l[i], l[i] * u[i], l[i + CPT - 1], l[i + CPT - 1] * u[i + CPT - 1]);
-    else
-      *ld = make_float2(l[i], l[i] * u[i]);
-  }
+  for (int k = 0; k < K; ++k)  // (l, l u): the state is h / ln 2
+    s.ld[r0 + k * SPLIT + 1][c] = make_float2(l[k], l[k] * u[k]);
   if (FINAL) {  // the gate silu(z) / 2 times ln 2 (for h / ln 2), and D u times it (D / ln 2)
 #pragma unroll
-    for (int k = 0; k < PK; ++k) e[k] = tanh_approx(0.5f * zz[k]);
+    for (int k = 0; k < K; ++k) e[k] = tanh_approx(0.5f * zz[k]);
 #pragma unroll
-    for (int k = 0; k < PK; ++k) {
+    for (int k = 0; k < K; ++k) {
       const float q = (0.25f * 0.6931471805599453f) * zz[k];
       const float g = fmaf(q, e[k], q);  // ln 2 z sigmoid(z) / 2 = ln 2 z (1 + tanh(z / 2)) / 4
-      go[k] = make_float2(g, D[k % CPT] * u[k] * g);
+      go[k] = make_float2(g, D * u[k] * g);
     }
   }
 }
@@ -428,42 +397,34 @@ __device__ __forceinline__ void convert_tile(Tiles& s, int stage) {
   }
 }
 
-// Step 4 for the tile starting at token t0 (whole: within the chunk), channels pc .. pc + CPT - 1,
-// rows pr0 + j PREP_STEP: every row's sums read before any is stored, gated by go, stored as
-// 16 bits (CPT of them in one store).
+// Step 4 for the tile starting at token t0 (whole: within the chunk), channel pc, rows
+// pr0 + j SPLIT: every row's sum read before any is stored, gated by go, stored as 16 bits.
 __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t0,
                                             bool whole, int pc, int pr0,
-                                            const float2 (&go)[PK], bool active) {
-  float y[PK];
+                                            const float2 (&go)[PREP_ROWS], bool active) {
+  constexpr int K = PREP_ROWS;
+  float y[K];
 #pragma unroll
-  for (int k = 0; k < PK; ++k)
-    y[k] = sum_partials(s.yp[pr0 + k / CPT * PREP_STEP][pc + k % CPT]);
+  for (int j = 0; j < K; ++j) y[j] = sum_partials(s.yp[pr0 + j * SPLIT][pc]);
   u16* out = w.out + (t0 + pr0) * w.so_l + pc;  // 32-bit offsets: fewer instructions
-  const int step = PREP_STEP * w.so_l;
+  const int step = SPLIT * w.so_l;
 #pragma unroll
-  for (int j = 0; j < PREP_ROWS; ++j, out += step) {
-    const int t = t0 + pr0 + j * PREP_STEP, i = j * CPT;
-    const bool ok = active && (whole || (t >= w.lo && t < w.hi));
-    const u16 v = from_f32(fmaf(go[i].x, y[i], go[i].y));
-    if (CPT == 2) {  // the row's two channels in one 4-byte store (pc and so_l are even)
-      const u16 v1 = from_f32(fmaf(go[i + CPT - 1].x, y[i + CPT - 1], go[i + CPT - 1].y));
-      if (ok) *reinterpret_cast<unsigned*>(out) = v | ((unsigned)v1 << 16);
-    } else if (ok) {
-      *out = v;
-    }
+  for (int j = 0; j < K; ++j, out += step) {
+    const int t = t0 + pr0 + j * SPLIT;
+    const u16 v = from_f32(fmaf(go[j].x, y[j], go[j].y));
+    if (active && (whole || (t >= w.lo && t < w.hi))) *out = v;
   }
 }
 
 // Steps 1-4 of every tile by the same threads, four barriers per tile.
 template <bool FINAL>
 __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
-                                     const float (&A)[NPT], const unsigned (&W)[CPT][RH],
-                                     const float (&bias)[CPT], const float (&D)[CPT],
-                                     float& dt_sum) {
+                                     const float (&A)[NPT], const unsigned (&W)[RH], float bias,
+                                     float D, float& dt_sum) {
   const int n_tiles = (w.hi - w.lo + TT - 1) / TT;
-  const int pc = PREP_C, pr0 = PREP_R0;  // steps 2, 4: channels pc + q, tokens pr0 + k PREP_STEP
+  const int pc = PREP_C, pr0 = PREP_R0;  // steps 2 and 4: channel pc, tokens pr0 + k SPLIT
   const bool active = w.e0 + pc < w.E;
-  float2 go[PK];  // step 2's gates for step 4
+  float2 go[PREP_ROWS];  // step 2's gates for step 4
   const SmemPtr sm = smem_ptr(&s);
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
@@ -508,14 +469,13 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
 }
 
 
-// A: this lane's states of the walk's channel e; W, bias, D: channels e0 + PREP_C + q, which
-// this thread prepares (channels past E read channel 0 and store nothing; E is even, so a pair
-// is past E or within it); h: the zero state.
+// A: this lane's states of the walk's channel e; W, bias, D: channel e0 + PREP_C, which this
+// thread prepares (channels past E read channel 0 and store nothing); h: the zero state.
 __device__ __forceinline__ void load_direction(
     int dir, int e, int lane, bool active, int e0, int E, const unsigned* W_f,
     const float* bias_f, const float* A_f, const float* D_f, const unsigned* W_b,
-    const float* bias_b, const float* A_b, const float* D_b, float (&A)[NPT],
-    unsigned (&W)[CPT][RH], float (&bias)[CPT], float (&D)[CPT], float (&h)[NPT]) {
+    const float* bias_b, const float* A_b, const float* D_b, float (&A)[NPT], unsigned (&W)[RH],
+    float& bias, float& D, float (&h)[NPT]) {
   const unsigned* Wp = dir ? W_b : W_f;
   const float* Ap = dir ? A_b : A_f;
   const int ec = active ? e : 0;
@@ -527,13 +487,9 @@ __device__ __forceinline__ void load_direction(
 #pragma unroll
   for (int j = 0; j < NPT; ++j) A[j] = Ap[ec * NS + lane * NPT + j];
 #pragma unroll
-  for (int q = 0; q < CPT; ++q) {
-    const int eq = ep + q;
-#pragma unroll
-    for (int j = 0; j < RH; ++j) W[q][j] = Wp[eq * RH + j];
-    bias[q] = (dir ? bias_b : bias_f)[eq];
-    D[q] = (dir ? D_b : D_f)[eq];
-  }
+  for (int j = 0; j < RH; ++j) W[j] = Wp[ep * RH + j];
+  bias = (dir ? bias_b : bias_f)[ep];
+  D = (dir ? D_b : D_f)[ep];
 #pragma unroll
   for (int j = 0; j < NPT; ++j) h[j] = 0.f;
 }
@@ -575,8 +531,8 @@ vim_scan_summary(SCAN_ARGS) {
   const int b = blockIdx.y, e0 = blockIdx.x * CH;
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
-  float A[NPT], bias[CPT], D[CPT], h[NPT], dt_sum = 0.f;
-  unsigned W[CPT][RH];
+  float A[NPT], bias, D, h[NPT], dt_sum = 0.f;
+  unsigned W[RH];
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
                  A, W, bias, D, h);
   const Walk w = make_walk(dir, chunk, b, e0, u_f, u_b, su_b, su_l, x_f, x_b, sx_b, sx_l, z, sz_b,
@@ -599,8 +555,8 @@ vim_scan_final(SCAN_ARGS) {
   const int b = blockIdx.y, e0 = blockIdx.x * CH;
   const int c = threadIdx.x / SPLIT, lane = threadIdx.x % SPLIT;
   const bool active = e0 + c < E;
-  float A[NPT], bias[CPT], D[CPT], h[NPT], dt_sum = 0.f;
-  unsigned W[CPT][RH];
+  float A[NPT], bias, D, h[NPT], dt_sum = 0.f;
+  unsigned W[RH];
   load_direction(dir, e0 + c, lane, active, e0, E, W_f, bias_f, A_f, D_f, W_b, bias_b, A_b, D_b,
                  A, W, bias, D, h);
   const int n_before = dir ? n_chunks - 1 - chunk : chunk;
