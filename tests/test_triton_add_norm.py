@@ -34,6 +34,30 @@ def test_matches_torch(dtype, shape, block_m, with_residual):
 
 
 @run_here
+@pytest.mark.parametrize('out_dtype', [torch.bfloat16, torch.float16])
+def test_first_block_writes_the_linear_dtype_and_keeps_the_stream(out_dtype):
+    """The first block (float32 stream, no residual) under a 16-bit autocast: normed in that
+    dtype, bit for bit what casting the float32 result gives (in_proj's autocast cast; on the
+    GPU, whose conversion rounds to nearest: Triton's interpreter truncates, so there within
+    one rounding), and the stream itself returned as the new residual (no copy, as the
+    PyTorch lines alias it)."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 29, 48, generator=g) * 3).to(DEVICE)
+    weight = (torch.rand(48, generator=g) + 0.5).to(DEVICE)
+    normed, new_res = add_rms_norm_rows(x, None, weight, 1e-5, out_dtype=out_dtype, block_m=8)
+    want, _ = add_rms_norm_rows(x, None, weight, 1e-5, block_m=8)
+    assert normed.dtype == out_dtype and want.dtype == torch.float32
+    if DEVICE == 'cuda':
+        assert torch.equal(normed, want.to(out_dtype))
+    else:
+        torch.testing.assert_close(normed, want.to(out_dtype))
+    assert new_res is x
+    ref_normed, ref_res = add_rms_norm_torch(x, None, weight, 1e-5)
+    assert ref_res is x  # what the PyTorch lines return too
+    torch.testing.assert_close(normed, ref_normed.to(out_dtype))
+
+
+@run_here
 def test_bad_inputs():
     x = torch.randn(2, 3, 8, device=DEVICE)
     with pytest.raises(ValueError, match='residual'):

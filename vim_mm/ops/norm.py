@@ -54,17 +54,24 @@ def use_rows_kernel(x, residual, weight, rowscale, fused: bool = True) -> bool:
                 t is not None and t.requires_grad for t in (x, residual, weight))))
 
 
-def add_rms_norm(x, residual, weight, eps: float, rowscale=None, fused: bool = True):
+def add_rms_norm(x, residual, weight, eps: float, rowscale=None, fused: bool = True,
+                 out_dtype=None):
     """See the module docstring. x: (..., C); residual: None or (..., C); rowscale: x.shape[:-1].
+    ``out_dtype``: normed's dtype where not x's (the first block's float32 stream under a 16-bit
+    autocast: the dtype in_proj casts it to, written so by the rows kernel instead of cast by
+    a copy; the same values either way).
     Where no gradient is needed on CUDA, the many-rows Triton kernel of
     :mod:`~vim_mm.ops.triton_add_norm` (H200, 16 x 4097 x 192: 40.9 us against 46.0 for
     mamba-ssm's; ``benchmarks/gpu_layer_ops.py --ops norm``)."""
     if use_rows_kernel(x, residual, weight, rowscale, fused):
         from .triton_add_norm import add_rms_norm_rows
-        return add_rms_norm_rows(x, residual, weight, eps)
+        return add_rms_norm_rows(x, residual, weight, eps, out_dtype=out_dtype)
     if use_fused_norm(x, residual, fused):
         if rowscale is not None:  # one float32 factor per row of x
             rowscale = rowscale.expand(x.shape[:-1])
-        return _triton_rms_norm_fn(x, weight, None, residual=residual, eps=eps, rowscale=rowscale,
-                                   prenorm=True, residual_in_fp32=True)
-    return add_rms_norm_torch(x, residual, weight, eps, rowscale)
+        normed, new_residual = _triton_rms_norm_fn(
+            x, weight, None, residual=residual, eps=eps, rowscale=rowscale, prenorm=True,
+            residual_in_fp32=True)
+    else:
+        normed, new_residual = add_rms_norm_torch(x, residual, weight, eps, rowscale)
+    return (normed if out_dtype is None else normed.to(out_dtype)), new_residual

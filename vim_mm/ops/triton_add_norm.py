@@ -31,8 +31,8 @@ DEFAULT_NUM_WARPS = 2
 if triton is not None:
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, normed_ptr, new_res_ptr, M, N, eps,
-                             HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+                             HAS_RES: tl.constexpr, STORE_RES: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -42,15 +42,18 @@ if triton is not None:
             s += tl.load(res_ptr + offs, mask=mask, other=0.)
         inv_rms = tl.rsqrt(tl.sum(s * s, axis=1) / N + eps)
         w = tl.load(w_ptr + cols, mask=cols < N, other=0.).to(tl.float32)
-        tl.store(new_res_ptr + offs, s, mask=mask)
+        if STORE_RES:
+            tl.store(new_res_ptr + offs, s, mask=mask)
         tl.store(normed_ptr + offs, (s * inv_rms[:, None] * w[None, :]).to(
             normed_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm_rows(x, residual, weight, eps: float, *, block_m: int = DEFAULT_BLOCK_M,
-                      num_warps: int = DEFAULT_NUM_WARPS):
+def add_rms_norm_rows(x, residual, weight, eps: float, *, out_dtype=None,
+                      block_m: int = DEFAULT_BLOCK_M, num_warps: int = DEFAULT_NUM_WARPS):
     """x (..., N) float32/bf16/fp16, residual None or (..., N) float32, weight (N,) ->
-    (normed in x's dtype, new_residual = residual + x in float32), contiguous. No autograd."""
+    (normed in ``out_dtype`` (default x's), new_residual = residual + x in float32), contiguous.
+    No autograd. Without a residual (the first block) a float32 x is the new residual itself,
+    returned as it is (the PyTorch lines alias it too), not copied."""
     if triton is None or not (x.is_cuda or INTERPRET):
         raise RuntimeError('add_rms_norm_rows needs triton and a CUDA tensor '
                            '(or TRITON_INTERPRET=1).')
@@ -62,13 +65,14 @@ def add_rms_norm_rows(x, residual, weight, eps: float, *, block_m: int = DEFAULT
         raise ValueError(f'add_rms_norm_rows: weight {tuple(weight.shape)} must be ({N},)')
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
-    normed = torch.empty_like(x)
-    new_res = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    normed = torch.empty_like(x, dtype=out_dtype or x.dtype)
+    alias = residual is None and x.dtype == torch.float32
+    new_res = x if alias else torch.empty(x.shape, dtype=torch.float32, device=x.device)
     M = x.numel() // max(N, 1)
     if M == 0 or N == 0:
         return normed, new_res
     _add_rms_norm_kernel[(triton.cdiv(M, block_m),)](
         x, new_res if residual is None else residual, weight.contiguous(), normed, new_res, M,
-        N, float(eps), HAS_RES=residual is not None, BLOCK_M=block_m,
+        N, float(eps), HAS_RES=residual is not None, STORE_RES=not alias, BLOCK_M=block_m,
         BLOCK_N=triton.next_power_of_2(N), num_warps=num_warps)
     return normed, new_res

@@ -61,10 +61,22 @@ class VimBlock(nn.Module):
         return out, residual, self.drop_path.row_scale(out)
 
     def _mix(self, x, residual, scale, rope, fused):
-        hidden, residual = add_rms_norm(x, residual, self.norm.weight, self.norm.eps, scale, fused)
+        hidden, residual = add_rms_norm(x, residual, self.norm.weight, self.norm.eps, scale, fused,
+                                        None if rope is not None else _linear_dtype(x))
         if rope is not None:
             hidden = VisionRotaryEmbedding.rotate(hidden, *rope)
         return self.mixer(hidden), residual
+
+
+def _linear_dtype(x: torch.Tensor):
+    """The 16-bit dtype autocast would cast a float32 ``x`` to for in_proj (None: x stays as
+    it is). The first block's input is the float32 stream: its norm then writes that dtype
+    directly instead of float32 that in_proj's autocast copies."""
+    kind = x.device.type
+    if x.dtype != torch.float32 or not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def add_branch(residual, x, scale=None):
