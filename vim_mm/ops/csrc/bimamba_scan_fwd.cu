@@ -5,7 +5,7 @@
 //   h_t   = exp(dt_t A) h_{t-1} + dt_t B_t u_t                 (forward: t = 0..L-1)
 //   h_t   = exp(dt_t A) h_{t+1} + dt_t B_t u_t                 (backward: t = L-1..0)
 //   out[t, dir * E + e] = (C_t . h_t + D u_t) * silu(z_t) / 2  (out_proj sums the two halves)
-// In base 2 throughout (v19): the wrapper passes W_dt and bias times log2(e), so the dt_proj
+// In base 2 throughout (v22): the wrapper passes W_dt and bias times log2(e), so the dt_proj
 // sum x' is softplus's argument in log2 units and l = log2(1 + 2^x') = dt / ln 2; the state
 // kept is h / ln 2 (h' = 2^(l A) h' + l B u), so C . h' times ln 2 is C . h: the ln 2 rides on
 // the gate (q below), and D comes divided by ln 2 so that D u times that gate is D u silu(z) / 2.
@@ -65,11 +65,17 @@
 // results/h200_infer_scan_v17_ab.json; ncu: the SM sub-partitions idle more, not a busier pipe).
 // Three barriers per tile instead of four, the next tile converted with this tile's output step
 // (commit a3c4778): 0.6% slower at 16 x 4097 (results/h200_infer_scan_v18_ab.json).
+// v22 (eighteenth session, base 2 and fp16x2 dt_proj, above; committed as "Scan v19", f74be32,
+// not the seventeenth session's reverted v19-v21): step 2 296 -> 240 instructions per tile and
+// thread in the SASS; 16 x 4097 0.4216 -> 0.4113 ms, 16 x 6085 0.6218 -> 0.6068, 2.4-4.3% at
+// every shape timed (results/h200_infer_scan_v23*.json); Vim-Ti +2.8% at 1024 px b16. Slower
+// and reverted: steps 2 and 4 with two neighbouring channels per thread (v23, 65f7e8d: 6% slower
+// at 16 x 4097 and 16 x 6085, 0-1% faster at the other shapes).
 
 // x_dbl rows are copied in XV-byte pieces (16 where the rows are 16-byte aligned and padded, as
 // the mixer makes them; else 8): XWP elements of each row are staged. A tile's rows are then
 // converted once for the lanes: [B | C] to fp32 (xf), dt to fp16 pairs (xh, step 2's only
-// reader of it): Vim's 44 staged columns take 176 bytes per row as fp32 [dt | B | C] (v18),
+// reader of it): Vim's 44 staged columns take 176 bytes per row as fp32 [dt | B | C] (before v22),
 // 128 + 32 now, so that five 32-channel blocks still share an SM's 228 KB.
 #define XWP ((XW * 2 + XV - 1) / XV * XV / 2)
 #define XF (2 * NS)                       // fp32 row of a tile: [B | C]
