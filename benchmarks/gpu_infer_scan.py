@@ -153,6 +153,11 @@ class other_source:
         self.path = Path(path)
 
     def __enter__(self):
+        if 'const unsigned *W_f' not in self.path.read_text():
+            raise ValueError(
+                f'{self.path}: a scan source from before v22 (f74be32) takes fp32 dt_proj weights '
+                'and unscaled bias and D, not the arguments launch_plan passes now; time it with '
+                "its own tree's gpu_infer_scan.py (--only-ours) in the same call instead")
         self.saved = cuda_scan.SOURCE, dict(cuda_scan._kernels)
         cuda_scan.SOURCE = self.path
         cuda_scan._kernels.clear()
@@ -247,7 +252,8 @@ def main():
     parser.add_argument('--config', default='{}', help='InferScanConfig fields as JSON (--once)')
     parser.add_argument('--ab', nargs='*', default=(),
                         help='other bimamba_scan_fwd.cu sources, timed in the same call '
-                             '(columns cuda_cpp_ab_ms, cuda_cpp_ab2_ms, ...)')
+                             '(columns cuda_cpp_ab_ms, cuda_cpp_ab2_ms, ...); v22 (f74be32) or '
+                             'later: older ones take other direction arguments and are refused')
     parser.add_argument('--only-ours', action='store_true',
                         help='time the CUDA C++ scan(s) only (no Triton / mamba-ssm columns)')
     args = parser.parse_args()

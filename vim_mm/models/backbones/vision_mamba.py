@@ -68,15 +68,19 @@ class VimBlock(nn.Module):
         return self.mixer(hidden), residual
 
 
+def _autocast_16bit(kind: str):
+    """Autocast's dtype on this device type where it is on and 16-bit, else None."""
+    if not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
 def _linear_dtype(x: torch.Tensor):
     """The 16-bit dtype autocast would cast a float32 ``x`` to for in_proj (None: x stays as
     it is). The first block's input is the float32 stream: its norm then writes that dtype
     directly instead of float32 that in_proj's autocast copies."""
-    kind = x.device.type
-    if x.dtype != torch.float32 or not torch.is_autocast_enabled(kind):
-        return None
-    dtype = torch.get_autocast_dtype(kind)
-    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+    return _autocast_16bit(x.device.type) if x.dtype == torch.float32 else None
 
 
 def add_branch(residual, x, scale=None):
@@ -412,10 +416,9 @@ class VisionMamba(nn.Module):
                 or patch.patch_size != patch.stride or len(set(patch.patch_size)) != 1
                 or x.dim() != 4 or not offsets_fit(x, patch.patch_size[0], self.embed_dims)
                 or (self.training and self.pos_drop.p > 0)
-                or self.pos_embed.dtype != torch.float32 or not torch.is_autocast_enabled(kind)):
+                or self.pos_embed.dtype != torch.float32):
             return None
-        dtype = torch.get_autocast_dtype(kind)
-        return dtype if dtype in (torch.bfloat16, torch.float16) else None
+        return _autocast_16bit(kind)
 
     def _forward(self, x: torch.Tensor):
         stream, grid = self._embed(x)

@@ -21,9 +21,10 @@
 // an instruction every 2.6 cycles), so the NS states of a channel are split over SPLIT
 // neighbouring lanes (NS / SPLIT states each): SPLIT times the warps, each exp still once.
 // Per tile of TT tokens (staged in shared memory by cp.async, STAGES tiles ahead):
-//   1. B, C and the low-rank dt of each token (the same for every channel) in fp32, once;
-//   2. per (token, channel), by one of its SPLIT lanes: dt_proj (R FMAs), softplus, dt u and
-//      the gate, which do not depend on the state (independent work: latencies overlap);
+//   1. B and C of each token (the same for every channel) in fp32, its low-rank dt as fp16
+//      pairs, once;
+//   2. per (token, channel), by one thread: dt_proj (R / 2 HFMA2s), softplus, dt u and the
+//      gate, which do not depend on the state (independent work: latencies overlap);
 //   3. the walk: per token and lane NS / SPLIT exps and FMAs and a partial C . h;
 //   4. per (token, channel), by one lane: the partials summed, D u added, gated, stored.
 // NPOLY of a lane's exps per token can run as a degree-5 polynomial on the FMA pipe instead of
