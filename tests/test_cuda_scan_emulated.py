@@ -83,16 +83,6 @@ CASES = [  # (batch, L, E, N, R), dtype, config changes, chunks
     ((2, 70, 64, 16, 12), torch.bfloat16, ('few_blocks', dict(stages=3)), 2),
     # tiles past 48 KB (dynamic shared memory on the GPU; the emulation keeps them static)
     ((2, 77, 128, 16, 12), torch.bfloat16, ('many_blocks', dict(tile_l=32, dynamic_smem=True)), 3),
-    # the pipelined walk: whole tiles walked while the next is prepared and the last stored;
-    # one tile, two, many; chunked; a partly used channel block; fp16; two rows per iteration
-    ((2, 13, 64, 16, 12), torch.bfloat16, ('few_blocks', dict(tile_l=16, pipelined=True)), 1),
-    ((2, 29, 64, 16, 12), torch.bfloat16, ('few_blocks', dict(tile_l=16, pipelined=True)), 1),
-    ((2, 101, 64, 16, 12), torch.bfloat16, ('few_blocks', dict(tile_l=16, pipelined=True)), 1),
-    ((2, 101, 64, 16, 12), torch.bfloat16, ('few_blocks', dict(tile_l=16, pipelined=True)), 3),
-    ((3, 77, 72, 16, 12), torch.bfloat16, ('few_blocks', dict(tile_l=16, pipelined=True)), 2),
-    ((1, 130, 32, 16, 12), torch.float16,
-     ('few_blocks', dict(tile_l=16, pipelined=True, pipe_unroll=2)), 3),
-    ((2, 77, 128, 16, 12), torch.bfloat16, ('many_blocks', dict(pipelined=True)), 2),
 ]
 
 

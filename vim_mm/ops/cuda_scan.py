@@ -86,10 +86,6 @@ class InferScanConfig:
     # of static shared memory: larger tiles for sweeps (no preset uses it; the configs timed
     # so far were no faster than static ones, benchmarks/README.md "Thirteenth session")
     dynamic_smem: bool = False
-    # the pipelined walk (csrc/bimamba_scan_fwd.cu, PIPELINE): step 2 of tile k + 1 and step 4
-    # of tile k - 1 in the loop that walks tile k; two of each converted tile, two raw stages
-    pipelined: bool = False
-    pipe_unroll: int = 1  # rows of steps 2 and 4 (SPLIT walk tokens each) per loop iteration
 
 
 DEFAULT_CONFIG = InferScanConfig()
@@ -234,22 +230,16 @@ def staged_width(width: int, piece_bytes: int) -> int:
 def shared_bytes(d_state: int, dt_rank: int, cfg, stages: int) -> int:
     """Shared memory of the kernel's ``Tiles``: u, z and x_dbl stages, x_dbl's [B | C] in fp32
     and (l, dt u) per token and channel (two spare rows each), the lanes' partial outputs (the
-    gates stay in registers since v13), the dt columns as fp16 pairs (16-byte rows, two spare);
-    the pipelined walk keeps two of each converted tile and the gates, (T, C) float2, twice."""
+    gates stay in registers since v13), the dt columns as fp16 pairs (16-byte rows, two spare)."""
     width, T, C = dt_rank + 2 * d_state, cfg.tile_l, cfg.channels
     staged = staged_width(width, cfg.x_piece)
-    nb = 2 if cfg.pipelined else 1
-    converted = ((T + 2) * 2 * d_state * 4 + (T + 2) * C * 8 + T * C * cfg.split * 4
-                 + (T + 2) * -(-dt_rank // 8) * 16)
-    gates = 2 * T * C * 8 if cfg.pipelined else 0
-    return stages * T * (2 * C + staged) * 2 + nb * converted + gates
+    return (stages * T * (2 * C + staged) * 2 + (T + 2) * 2 * d_state * 4
+            + (T + 2) * C * 8 + T * C * cfg.split * 4 + (T + 2) * -(-dt_rank // 8) * 16)
 
 
 def fitted(cfg: InferScanConfig, d_state: int, dt_rank: int) -> InferScanConfig:
     """``cfg`` with fewer stages (down to 2), then fewer channels per block, until the tiles
     fit the shared memory of a block (:func:`smem_limit`: 48 KB static, or the dynamic limit)."""
-    if cfg.pipelined and cfg.stages != 2:  # the pipelined walk stages exactly two raw tiles
-        cfg = dataclasses.replace(cfg, stages=2)
     while shared_bytes(d_state, dt_rank, cfg, cfg.stages) > smem_limit(cfg):
         if cfg.stages > 2:
             cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
@@ -269,8 +259,7 @@ def source_defines(d_state: int, dt_rank: int, dtype: torch.dtype, cfg: InferSca
                   SPLIT=cfg.split, TT=cfg.tile_l, STAGES=cfg.stages,
                   FP16=int(dtype == torch.float16), MIN_BLOCKS=cfg.min_blocks,
                   PREP_BY_ROW=int(cfg.prep_by_row), XV=cfg.x_piece,
-                  DYN_SMEM=int(cfg.dynamic_smem), PIPELINE=int(cfg.pipelined),
-                  PIPE_UNROLL=cfg.pipe_unroll,
+                  DYN_SMEM=int(cfg.dynamic_smem),
                   NPOLY=cfg.poly_final if kernel == 'vim_scan_final' else cfg.poly_summary)
     return ''.join(f'#define {k} {v}\n' for k, v in consts.items())
 

@@ -188,20 +188,14 @@ __device__ __forceinline__ float ex2_fma(float x) {
 
 // Rows of xf and ld are stored one down (row r at index r + 1): the walk fetches the operands of
 // the token after its last, row TT (forward) or -1 (backward), which then exist and are unused.
-// PIPELINE (the pipelined walk, below) keeps two of each converted tile (NB: buffer b = tile & 1)
-// and the gates in shared memory.
-#define NB (PIPELINE ? 2 : 1)
 struct Tiles {
   u16 u[STAGES][TT][CH];
   u16 z[STAGES][TT][CH];
   u16 x[STAGES][TT][XWP];
-  float xf[NB][TT + 2][XF];     // the tile's [B | C] in fp32, read by every lane
-  float2 ld[NB][TT + 2][CH];    // (log2(1 + e^x), dt u) per token and channel
-  float yp[NB][TT][CH][SPLIT];  // the lanes' partial C . h
-  unsigned xh[NB][TT + 2][XH];  // the tile's dt columns as fp16 pairs (rows one down, like xf)
-#if PIPELINE
-  float2 gs[NB][TT][CH];        // (gate, D u gate) per token and channel
-#endif
+  float xf[TT + 2][XF];     // the tile's [B | C] in fp32, read by every lane
+  float2 ld[TT + 2][CH];    // (log2(1 + e^x), dt u) per token and channel
+  float yp[TT][CH][SPLIT];  // the lanes' partial C . h
+  unsigned xh[TT + 2][XH];  // the tile's dt columns as fp16 pairs (rows one down, like xf)
 };
 
 // Where a block's tiles live: static shared memory (at most 48 KB), or with DYN_SMEM dynamic
@@ -368,7 +362,7 @@ __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0,
     unsigned xh[XH];  // the row's dt pairs, as 16-byte vectors (the row is 16-byte aligned)
 #pragma unroll
     for (int j = 0; j < XH; j += 4) {
-      const uint4 v = *reinterpret_cast<const uint4*>(&s.xh[0][r + 1][j]);
+      const uint4 v = *reinterpret_cast<const uint4*>(&s.xh[r + 1][j]);
       xh[j] = v.x; xh[j + 1] = v.y; xh[j + 2] = v.z; xh[j + 3] = v.w;
     }
     unsigned acc = 0u;  // (+0, +0)
@@ -386,7 +380,7 @@ __device__ __forceinline__ void prepare(Tiles& s, int stage, int c, int r0,
   for (int k = 0; k < K; ++k) l[k] = x[k] > BIG ? x[k] : lg2(1.f + e[k]);
 #pragma unroll
   for (int k = 0; k < K; ++k)  // (l, l u): the state is h / ln 2
-    s.ld[0][r0 + k * SPLIT + 1][c] = make_float2(l[k], l[k] * u[k]);
+    s.ld[r0 + k * SPLIT + 1][c] = make_float2(l[k], l[k] * u[k]);
   if (FINAL) {  // the gate silu(z) / 2 times ln 2 (for h / ln 2), and D u times it (D / ln 2)
 #pragma unroll
     for (int k = 0; k < K; ++k) e[k] = tanh_approx(0.5f * zz[k]);
@@ -410,10 +404,10 @@ struct Operands {
 };
 
 template <bool FINAL>
-__device__ __forceinline__ void fetch(const Tiles& s, int b, int r, int c, int lane,
+__device__ __forceinline__ void fetch(const Tiles& s, int r, int c, int lane,
                                       Operands& o) {
-  const float* xf = s.xf[b][r + 1];
-  o.ld = s.ld[b][r + 1][c];
+  const float* xf = s.xf[r + 1];
+  o.ld = s.ld[r + 1][c];
 #pragma unroll
   for (int j = 0; j < NPT; ++j) {
     o.b[j] = xf[XB + lane * NPT + j];
@@ -458,43 +452,26 @@ __device__ __forceinline__ float sum_partials(const float (&p)[SPLIT]) {
 // Step 3 over a whole tile, operands one token ahead (see Operands); the direction a compile-time
 // constant, so every row address is an immediate offset.
 template <bool FINAL, bool REV>
-__device__ __forceinline__ void walk_tile(Tiles& s, int b, int c, int lane, float (&h)[NPT],
+__device__ __forceinline__ void walk_tile(Tiles& s, int c, int lane, float (&h)[NPT],
                                           const float (&A)[NPT], float& dt_sum) {
   constexpr int r0 = REV ? TT - 1 : 0, dr = REV ? -1 : 1;
   Operands cur, next;
-  fetch<FINAL>(s, b, r0, c, lane, cur);
+  fetch<FINAL>(s, r0, c, lane, cur);
 #pragma unroll 4
   for (int kk = 0; kk < TT; ++kk) {
-    fetch<FINAL>(s, b, r0 + (kk + 1) * dr, c, lane, next);
+    fetch<FINAL>(s, r0 + (kk + 1) * dr, c, lane, next);
     const float y = advance<FINAL>(cur, h, A, dt_sum);
-    if (FINAL) s.yp[b][r0 + kk * dr][c][lane] = y;
+    if (FINAL) s.yp[r0 + kk * dr][c][lane] = y;
     cur = next;
-  }
-}
-
-// The walk of a tile that may be partial: tokens outside [lo, hi) of the chunk skipped.
-template <bool FINAL>
-__device__ __forceinline__ void walk_partial_tile(Tiles& s, int b, const Walk& w, int t0, int c,
-                                                  int lane, float (&h)[NPT],
-                                                  const float (&A)[NPT], float& dt_sum) {
-  const int r0 = w.rev ? TT - 1 : 0, dr = w.rev ? -1 : 1;
-  for (int kk = 0; kk < TT; ++kk) {
-    const int r = r0 + kk * dr;
-    if (t0 + r >= w.lo && t0 + r < w.hi) {
-      Operands o;
-      fetch<FINAL>(s, b, r, c, lane, o);
-      const float y = advance<FINAL>(o, h, A, dt_sum);
-      if (FINAL) s.yp[b][r][c][lane] = y;
-    }
   }
 }
 
 // Step 1: the staged tile's x_dbl rows converted, by the threads that stage tiles (threadIdx.x
 // of NT): [B | C] in fp32 into xf, one pass over their float4s, then dt as fp16 pairs into xh.
-__device__ __forceinline__ void convert_tile(Tiles& s, int stage, int b = 0) {
+__device__ __forceinline__ void convert_tile(Tiles& s, int stage) {
   constexpr int QR = XF / 4, QN = TT * QR;
   const uint2* src = reinterpret_cast<const uint2*>(&s.x[stage][0][0]);
-  float4* dst = reinterpret_cast<float4*>(&s.xf[b][1][0]);
+  float4* dst = reinterpret_cast<float4*>(&s.xf[1][0]);
 #pragma unroll
   for (int j = 0; j < (QN + NT - 1) / NT; ++j) {
     const int i = threadIdx.x + j * NT;
@@ -510,7 +487,7 @@ __device__ __forceinline__ void convert_tile(Tiles& s, int stage, int b = 0) {
     if (HN % NT != 0 && i >= HN) break;
     const int row = i / HQ, q = i % HQ;
     const uint2 v = src[row * (XWP / 4) + q];
-    *reinterpret_cast<uint2*>(&s.xh[b][row + 1][2 * q]) =
+    *reinterpret_cast<uint2*>(&s.xh[row + 1][2 * q]) =
         make_uint2(pack_h2(lo_f32(v.x), hi_f32(v.x)), pack_h2(lo_f32(v.y), hi_f32(v.y)));
   }
 }
@@ -523,7 +500,7 @@ __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t
   constexpr int K = PREP_ROWS;
   float y[K];
 #pragma unroll
-  for (int j = 0; j < K; ++j) y[j] = sum_partials(s.yp[0][pr0 + j * SPLIT][pc]);
+  for (int j = 0; j < K; ++j) y[j] = sum_partials(s.yp[pr0 + j * SPLIT][pc]);
   u16* out = w.out + (t0 + pr0) * w.so_l + pc;  // 32-bit offsets: fewer instructions
   const int step = SPLIT * w.so_l;
 #pragma unroll
@@ -536,7 +513,7 @@ __device__ __forceinline__ void output_tile(const Tiles& s, const Walk& w, int t
 
 // Steps 1-4 of every tile by the same threads, four barriers per tile.
 template <bool FINAL>
-__device__ __forceinline__ void walk_staged(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
+__device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
                                      const float (&A)[NPT], const unsigned (&W)[RH], float bias,
                                      float D, float& dt_sum) {
   const int n_tiles = (w.hi - w.lo + TT - 1) / TT;
@@ -563,12 +540,21 @@ __device__ __forceinline__ void walk_staged(Tiles& s, const Walk& w, int c, int 
     prepare<FINAL>(s, stage, pc, pr0, W, bias, D, go);
     PREP_SYNC();
     const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
+    const int r0 = w.rev ? TT - 1 : 0, dr = w.rev ? -1 : 1;
     const bool whole = t0 >= w.lo && t0 + TT <= w.hi;
     if (whole) {  // no token checks
-      if (w.rev) walk_tile<FINAL, true>(s, 0, c, lane, h, A, dt_sum);
-      else walk_tile<FINAL, false>(s, 0, c, lane, h, A, dt_sum);
+      if (w.rev) walk_tile<FINAL, true>(s, c, lane, h, A, dt_sum);
+      else walk_tile<FINAL, false>(s, c, lane, h, A, dt_sum);
     } else {
-      walk_partial_tile<FINAL>(s, 0, w, t0, c, lane, h, A, dt_sum);
+      for (int kk = 0; kk < TT; ++kk) {
+        const int r = r0 + kk * dr;
+        if (t0 + r >= w.lo && t0 + r < w.hi) {
+          Operands o;
+          fetch<FINAL>(s, r, c, lane, o);
+          const float y = advance<FINAL>(o, h, A, dt_sum);
+          if (FINAL) s.yp[r][c][lane] = y;
+        }
+      }
     }
     if (FINAL) {  // step 4
       PREP_SYNC();
@@ -576,193 +562,6 @@ __device__ __forceinline__ void walk_staged(Tiles& s, const Walk& w, int c, int 
     }
   }
   cp_async_wait<0>();
-}
-
-// ---- The pipelined walk (PIPELINE=1, v26) ----
-// Why: the walk (step 3) is bound by MUFU (4 exps per token and lane: 32 of a sub-partition's
-// cycles, against ~27 instructions), steps 1, 2 and 4 by instruction issue with MUFU nearly idle,
-// and at batch 16 an SM sub-partition has only ~3 warps to mix the two. Here one thread's
-// instruction stream mixes them: while it walks tile k, the same loop prepares tile k + 1
-// (step 2, a row per SPLIT tokens) and stores tile k - 1's outputs (step 4), so the issue slots
-// the walk leaves free take the rest of the work. Costs: two of each converted tile (xf, xh, ld,
-// yp: buffer b = k & 1) and the gates in shared memory (gs) instead of registers; two barriers
-// per tile instead of four. Raw stages: exactly two (tile k + 1 staged and converted while k + 2
-// is in flight).
-
-// Step 2 for row r of the tile staged in `stage`, into buffer b: (l, l u) into ld and, in the
-// output walk, (gate, D u gate) into gs (the arithmetic of prepare, one row).
-template <bool FINAL>
-__device__ __forceinline__ void prepare_row(Tiles& s, int stage, int b, int c, int r,
-                                            const unsigned (&W)[RH], float bias, float D) {
-  unsigned xh[XH];
-#pragma unroll
-  for (int j = 0; j < XH; j += 4) {
-    const uint4 v = *reinterpret_cast<const uint4*>(&s.xh[b][r + 1][j]);
-    xh[j] = v.x; xh[j + 1] = v.y; xh[j + 2] = v.z; xh[j + 3] = v.w;
-  }
-  unsigned acc = 0u;
-#pragma unroll
-  for (int j = 0; j < RH; ++j) acc = hfma2(W[j], xh[j], acc);
-  const float x = bias + h2_sum(acc);
-  const float u = to_f32(s.u[stage][r][c]);
-  constexpr float BIG = 20.f * 1.4426950408889634f;
-  const float l = x > BIG ? x : lg2(1.f + ex2(x));
-  s.ld[b][r + 1][c] = make_float2(l, l * u);
-#if PIPELINE
-  if (FINAL) {
-    const float zz = to_f32(s.z[stage][r][c]);
-    const float q = (0.25f * 0.6931471805599453f) * zz;
-    const float g = fmaf(q, tanh_approx(0.5f * zz), q);
-    s.gs[b][r][c] = make_float2(g, D * u * g);
-  }
-#endif
-}
-
-// Step 4 for row r of buffer b: the lanes' partials summed, gated, stored where `ok`.
-__device__ __forceinline__ void output_row(const Tiles& s, int b, int c, int r, u16* out,
-                                           bool ok) {
-#if PIPELINE
-  const float2 g = s.gs[b][r][c];
-  const u16 v = from_f32(fmaf(g.x, sum_partials(s.yp[b][r][c]), g.y));
-  if (ok) *out = v;
-#endif
-}
-
-// (#pragma unroll takes a constant expression, not a macro)
-constexpr int PIPE_ROWS_PER_ITERATION = PIPE_UNROLL;
-
-// Everything the interleaved loop needs to know about tile k - 1's outputs.
-struct PrevOut {
-  u16* out;   // row pc of tile k - 1's first row this thread stores (PREP_R0), channel pc
-  int step;   // elements between its rows (SPLIT rows)
-  int t;      // that row's token
-  bool whole, active;
-};
-
-// Whole tile k walked (buffer B) while tile k + 1 is prepared (staged in raw stage nb = B ^ 1,
-// buffer nb) and tile k - 1's outputs leave (buffer nb: each row's gates read before step 2 of
-// tile k + 1 writes the same row's, by the same thread; tile k - 1 whole). Per row of steps 2
-// and 4, SPLIT tokens of the walk. B at compile time: every buffer offset an immediate.
-template <bool FINAL, bool REV, int B>
-__device__ __forceinline__ void walk_tile_pipelined(
-    Tiles& s, int c, int lane, float (&h)[NPT], const float (&A)[NPT], float& dt_sum, int pc,
-    int pr0, const unsigned (&W)[RH], float bias, float D, const PrevOut& po) {
-  constexpr int r0 = REV ? TT - 1 : 0, dr = REV ? -1 : 1, STEP = TT / PREP_ROWS;
-  constexpr int b = B, nb = B ^ 1;
-  Operands cur, next;
-  fetch<FINAL>(s, b, r0, c, lane, cur);
-#pragma unroll PIPE_ROWS_PER_ITERATION
-  for (int j = 0; j < PREP_ROWS; ++j) {
-    const int r = pr0 + j * SPLIT;
-    if (FINAL) output_row(s, nb, pc, r, po.out + j * po.step, po.active);
-    prepare_row<FINAL>(s, nb, nb, pc, r, W, bias, D);
-#pragma unroll
-    for (int q = 0; q < STEP; ++q) {
-      const int kk = j * STEP + q;
-      fetch<FINAL>(s, b, r0 + (kk + 1) * dr, c, lane, next);
-      const float y = advance<FINAL>(cur, h, A, dt_sum);
-      if (FINAL) s.yp[b][r0 + kk * dr][c][lane] = y;
-      cur = next;
-    }
-  }
-}
-
-template <bool FINAL>
-__device__ __forceinline__ void walk_pipelined(Tiles& s, const Walk& w, int c, int lane,
-                                               float (&h)[NPT], const float (&A)[NPT],
-                                               const unsigned (&W)[RH], float bias, float D,
-                                               float& dt_sum) {
-  static_assert(STAGES == 2 || !PIPELINE, "the pipelined walk stages exactly two raw tiles");
-  const int n_tiles = (w.hi - w.lo + TT - 1) / TT;
-  const int pc = PREP_C, pr0 = PREP_R0;
-  const bool active = w.e0 + pc < w.E;
-  const SmemPtr sm = smem_ptr(&s);
-  const TileAddresses at = tile_addresses<FINAL>(w);
-  // tiles 0 and 1 in flight; tile 0 converted and prepared into buffer 0
-  issue_tile<FINAL>(sm, w, 0, 0);
-  cp_async_commit();
-  if (n_tiles > 1) issue_tile<FINAL>(sm, w, 1, 1);
-  cp_async_commit();
-  cp_async_wait<1>();
-  __syncthreads();
-  convert_tile(s, 0, 0);
-  __syncthreads();
-#pragma unroll
-  for (int j = 0; j < PREP_ROWS; ++j) prepare_row<FINAL>(s, 0, 0, pc, pr0 + j * SPLIT, W, bias, D);
-  for (int k = 0; k < n_tiles; ++k) {
-    const int b = k & 1, nb = b ^ 1;
-    cp_async_wait<0>();  // tile k + 1 is in
-    __syncthreads();     // tile k prepared; every thread is done with iteration k - 1
-    const int kn = k + 2;  // raw stage kn % 2 == b: tile k's, read in iteration k - 1
-    if (kn < n_tiles - 1) issue_whole_tile<FINAL>(sm, at, kn, b);
-    else if (kn == n_tiles - 1) issue_tile<FINAL>(sm, w, kn, b);
-    cp_async_commit();
-    const bool next = k + 1 < n_tiles;
-    if (next) convert_tile(s, nb, nb);
-    __syncthreads();
-    const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
-    const bool whole = t0 >= w.lo && t0 + TT <= w.hi;
-    PrevOut po;  // tile k - 1 (k >= 1)
-    const int tp = w.rev ? t0 + TT : t0 - TT;
-    po.t = tp + pr0;
-    po.out = w.out + po.t * w.so_l + pc;
-    po.step = SPLIT * w.so_l;
-    po.whole = tp >= w.lo && tp + TT <= w.hi;
-    po.active = active && k >= 1;
-    if (whole && next && (!FINAL || (k >= 1 && po.whole))) {
-#define VIM_PIPELINED(REV, B) \
-  walk_tile_pipelined<FINAL, REV, B>(s, c, lane, h, A, dt_sum, pc, pr0, W, bias, D, po)
-      if (w.rev) {
-        if (b) VIM_PIPELINED(true, 1);
-        else VIM_PIPELINED(true, 0);
-      } else {
-        if (b) VIM_PIPELINED(false, 1);
-        else VIM_PIPELINED(false, 0);
-      }
-#undef VIM_PIPELINED
-    } else {  // the chunk's first, last or partial tiles: the same steps one after another
-      if (!whole) walk_partial_tile<FINAL>(s, b, w, t0, c, lane, h, A, dt_sum);
-      else if (w.rev) walk_tile<FINAL, true>(s, b, c, lane, h, A, dt_sum);
-      else walk_tile<FINAL, false>(s, b, c, lane, h, A, dt_sum);
-      if (FINAL && k >= 1) {
-#pragma unroll
-        for (int j = 0; j < PREP_ROWS; ++j) {
-          const int t = po.t + j * SPLIT;
-          output_row(s, nb, pc, pr0 + j * SPLIT, po.out + j * po.step,
-                     po.active && (po.whole || (t >= w.lo && t < w.hi)));
-        }
-      }
-      if (next) {
-#pragma unroll
-        for (int j = 0; j < PREP_ROWS; ++j)
-          prepare_row<FINAL>(s, nb, nb, pc, pr0 + j * SPLIT, W, bias, D);
-      }
-    }
-  }
-  if (FINAL) {  // the last tile's outputs
-    __syncthreads();
-    const int k = n_tiles - 1, b = k & 1;
-    const int t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
-    const bool whole = t0 >= w.lo && t0 + TT <= w.hi;
-#pragma unroll
-    for (int j = 0; j < PREP_ROWS; ++j) {
-      const int t = t0 + pr0 + j * SPLIT;
-      output_row(s, b, pc, pr0 + j * SPLIT, w.out + t * w.so_l + pc,
-                 active && (whole || (t >= w.lo && t < w.hi)));
-    }
-  }
-  cp_async_wait<0>();
-}
-
-template <bool FINAL>
-__device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, float (&h)[NPT],
-                                     const float (&A)[NPT], const unsigned (&W)[RH], float bias,
-                                     float D, float& dt_sum) {
-#if PIPELINE
-  walk_pipelined<FINAL>(s, w, c, lane, h, A, W, bias, D, dt_sum);
-#else
-  walk_staged<FINAL>(s, w, c, lane, h, A, W, bias, D, dt_sum);
-#endif
 }
 
 
