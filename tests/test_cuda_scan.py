@@ -211,9 +211,8 @@ def test_inputs_the_kernel_cannot_take_are_named():
     assert 'token-major' in cuda_scan.layout_problem(channel_major, z, 16, 12)
     shifted = xz[..., 4:388]  # rows start 8 bytes off a 16-byte boundary
     assert 'aligned' in cuda_scan.layout_problem(shifted, z, 16, 12)
-    # the kernel's offsets within a batch row are 32-bit: L x row stride x 2 bytes must stay
-    # below 2^31
-    L, stride = 2 ** 17, 2 ** 13
+    # the kernel's offsets within a batch row are 32-bit: L x row stride must stay below 2^31
+    L, stride = 2 ** 18, 2 ** 13
     wide = torch.empty(1, L, 8, device='meta', **bf16).as_strided((1, L, 8), (L * stride, stride, 1))
     assert '2^31' in cuda_scan.layout_problem(wide, wide, 16, 12)
     assert cuda_scan.layout_problem(wide[:, :L - 1], wide[:, :L - 1], 16, 12) is None

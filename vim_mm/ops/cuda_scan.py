@@ -124,16 +124,15 @@ def layout_problem(u, z, d_state: int, dt_rank: int) -> str | None:
         if not _rows_aligned(t, 8):
             return 'needs token-major activations with 16-byte aligned rows'
     if not _offsets_fit(u.shape[1], u, z):
-        return 'needs byte offsets within a batch row below 2^31 (32-bit in the kernel)'
+        return 'needs offsets within a batch row below 2^31 elements (32-bit in the kernel)'
     return None
 
 
 def _offsets_fit(L: int, *ts) -> bool:
-    """Whether every token offset within a batch row of these (batch, L, X) 16-bit tensors, and
-    of the (batch, L, 2E) output, fits the kernel's 32-bit arithmetic: element offsets are
-    unsigned, the whole tiles' moves signed byte counts, so bytes must stay below 2^31."""
+    """Whether every token offset within a batch row of these (batch, L, X) tensors, and of the
+    (batch, L, 2E) output, fits the kernel's 32-bit arithmetic."""
     widest = max([t.stride(1) for t in ts] + [2 * ts[0].shape[-1]])
-    return L * widest * 2 < 2 ** 31
+    return L * widest < 2 ** 31
 
 
 def _rows_aligned(t: torch.Tensor, vec: int) -> bool:
@@ -327,7 +326,7 @@ def launch_plan(u_f, x_f, u_b, x_b, z, fwd: dict, bwd: dict, cfg: InferScanConfi
         raise ValueError('bidirectional_scan_infer: u_f/u_b and x_f/x_b must share their '
                          'layouts, x_* be (batch, L, dt_rank + 2 N) with 8-byte aligned rows')
     if not _offsets_fit(L, u_f, x_f, z):
-        raise ValueError('bidirectional_scan_infer: a batch row spans 2^31 bytes or more; '
+        raise ValueError('bidirectional_scan_infer: a batch row spans 2^31 elements or more; '
                          'the kernel addresses within a row in 32 bits (split the batch row)')
     if cfg is None:
         cfg = auto_config(batch, E, L, sm_count)

@@ -157,20 +157,6 @@ __device__ __forceinline__ float hi_f32(unsigned v) {
 #endif
 }
 
-// A value the compiler must keep as it is (in a register) instead of recomputing it where used.
-template <typename T>
-__device__ __forceinline__ void keep(T*& p) {
-#ifndef VIM_SCAN_EMULATE
-  asm volatile("" : "+l"(p));
-#endif
-}
-
-__device__ __forceinline__ void keep(int& v) {
-#ifndef VIM_SCAN_EMULATE
-  asm volatile("" : "+r"(v));
-#endif
-}
-
 // 2^x for x <= 0 without MUFU: 2^round(x) by exponent arithmetic times a polynomial for
 // 2^f, f in [-1/2, 1/2] (least-squares fit for relative error, max 2.3e-7).
 __device__ __forceinline__ float ex2_fma(float x) {
@@ -236,10 +222,9 @@ struct Walk {
 // row are unsigned 32-bit (launch_plan checks that they fit), and the destinations are offsets
 // from `sm`, the tiles' shared address taken once per walk (v16 converted a pointer per copy:
 // with the sign extensions ~100 instructions per whole tile for its 4 copies per thread, ~60
-// now; 1.1% faster at 16 x 4097, results/h200_infer_scan_v17_ab.json). Since v24 it copies only
-// the tiles that may be partial (the first STAGES - 1 and a chunk's last): issue_whole_tile the
-// rest.
-template <bool FINAL>
+// now; 1.1% faster at 16 x 4097, results/h200_infer_scan_v17_ab.json). WHOLE: every token of
+// the tile is in [lo, hi) (all but a chunk's last tile), no token checks.
+template <bool FINAL, bool WHOLE>
 __device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, int k, int stage) {
   const unsigned t0 = w.rev ? w.hi - (k + 1) * TT : w.lo + k * TT;
   constexpr int UPR = CH / 8;              // 16-byte pieces per row of a (TT, CH) 16-bit tile
@@ -251,7 +236,7 @@ __device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, int k, int
     const unsigned i = threadIdx.x + j * NT;
     if (U_PIECES % NT != 0 && i >= U_PIECES) break;
     const unsigned t = t0 + threadIdx.x / UPR + j * U_ROWS_PER_PASS;
-    const bool ok = chan_ok && (int)t >= w.lo && (int)t < w.hi;
+    const bool ok = chan_ok && (WHOLE || ((int)t >= w.lo && (int)t < w.hi));
     const unsigned dst = (stage * TT * CH + i * 8) * 2;
     cp_async<16>(sm + TILE_OFFSET(u) + dst, w.u + (ok ? t * w.su_l + ucol : 0u), ok);
     if (FINAL) cp_async<16>(sm + TILE_OFFSET(z) + dst, w.z + (ok ? t * w.sz_l + ucol : 0u), ok);
@@ -262,83 +247,9 @@ __device__ __forceinline__ void issue_tile(SmemPtr sm, const Walk& w, int k, int
     const unsigned i = threadIdx.x + j * NT;
     if (X_PIECES % NT != 0 && i >= X_PIECES) break;
     const unsigned row = i / PPR, col = (i - row * PPR) * PIECE, t = t0 + row;
-    const bool ok = (int)t >= w.lo && (int)t < w.hi;
+    const bool ok = WHOLE || ((int)t >= w.lo && (int)t < w.hi);
     cp_async<XV>(sm + TILE_OFFSET(x) + (stage * TT * XWP + i * PIECE) * 2,
                  w.xd + (ok ? t * w.sx_l + col : 0u), ok);
-  }
-}
-
-// v24: whole tiles (every token in [lo, hi): all but the first STAGES - 1 and a chunk's last) by
-// addresses that move. A thread's pieces sit at the same rows and columns of every tile, so each
-// source address is the piece's address in the walk's first tile plus k times the tile's
-// stride: one multiply-add per piece and tile, where issue_tile rebuilds token, row, bounds
-// and pointer per piece. The addresses and strides pass through keep() (else the compiler
-// rebuilds them from the kernel's arguments every tile, to save registers). In the SASS of
-// few_blocks (bf16, nvcc 12 sm_90) a whole tile's copies take ~41 instructions per thread
-// instead of ~87 (of ~1360 per tile); many_blocks' copy section 137 -> 101.
-constexpr int U_PASSES = (TT * (CH / 8) + NT - 1) / NT;
-constexpr int X_PASSES = (TT * (XWP / (XV / 2)) + NT - 1) / NT;
-struct TileAddresses {
-  const char *u[U_PASSES], *z[U_PASSES], *x[X_PASSES];  // this thread's pieces in tile 0
-  int du, dz, dx;  // their move per tile, in bytes (launch_plan keeps a batch row < 2^31 bytes)
-  int chan_ok;   // this thread's u / z channels exist (else zero-filled from a fixed address)
-};
-
-template <bool FINAL>
-__device__ __forceinline__ TileAddresses tile_addresses(const Walk& w) {
-  constexpr int UPR = CH / 8, U_ROWS_PER_PASS = NT / UPR;
-  constexpr int PIECE = XV / 2, PPR = XWP / PIECE;
-  TileAddresses c;
-  const int t0 = w.rev ? w.hi - TT : w.lo, dt = w.rev ? -TT : TT;
-  const unsigned ucol = (threadIdx.x % UPR) * 8;
-  c.chan_ok = w.e0 + (int)ucol < w.E;
-#pragma unroll
-  for (int j = 0; j < U_PASSES; ++j) {
-    const unsigned t = t0 + threadIdx.x / UPR + j * U_ROWS_PER_PASS;
-    c.u[j] = reinterpret_cast<const char*>(w.u + (c.chan_ok ? t * w.su_l + ucol : 0u));
-    c.z[j] = reinterpret_cast<const char*>(w.z + (c.chan_ok ? t * w.sz_l + ucol : 0u));
-  }
-#pragma unroll
-  for (int j = 0; j < X_PASSES; ++j) {
-    const unsigned i = threadIdx.x + j * NT, row = i / PPR, col = (i - row * PPR) * PIECE;
-    c.x[j] = reinterpret_cast<const char*>(w.xd + ((t0 + row) * w.sx_l + col));
-  }
-  c.du = c.chan_ok ? dt * w.su_l * 2 : 0;
-  c.dz = c.chan_ok ? dt * w.sz_l * 2 : 0;
-  c.dx = dt * w.sx_l * 2;
-  // opaque to the compiler: kept in registers, not rebuilt from the kernel's arguments per tile
-#pragma unroll
-  for (int j = 0; j < U_PASSES; ++j) {
-    keep(c.u[j]);
-    if (FINAL) keep(c.z[j]);
-  }
-#pragma unroll
-  for (int j = 0; j < X_PASSES; ++j) keep(c.x[j]);
-  keep(c.du); keep(c.dz); keep(c.dx); keep(c.chan_ok);
-  return c;
-}
-
-// Tile k of the walk, whole, into stage `stage`: the pieces issue_tile would copy, by
-// tile_addresses'.
-template <bool FINAL>
-__device__ __forceinline__ void issue_whole_tile(SmemPtr sm, const TileAddresses& c, int k,
-                                                 int stage) {
-  constexpr int U_PIECES = TT * (CH / 8);
-#pragma unroll
-  for (int j = 0; j < U_PASSES; ++j) {
-    const unsigned i = threadIdx.x + j * NT;
-    if (U_PIECES % NT != 0 && i >= U_PIECES) break;
-    const unsigned dst = (stage * TT * CH + i * 8) * 2;
-    cp_async<16>(sm + TILE_OFFSET(u) + dst, c.u[j] + k * c.du, c.chan_ok);
-    if (FINAL) cp_async<16>(sm + TILE_OFFSET(z) + dst, c.z[j] + k * c.dz, c.chan_ok);
-  }
-  constexpr int PIECE = XV / 2, X_PIECES = TT * (XWP / PIECE);
-#pragma unroll
-  for (int j = 0; j < X_PASSES; ++j) {
-    const unsigned i = threadIdx.x + j * NT;
-    if (X_PIECES % NT != 0 && i >= X_PIECES) break;
-    cp_async<XV>(sm + TILE_OFFSET(x) + (stage * TT * XWP + i * PIECE) * 2, c.x[j] + k * c.dx,
-                 true);
   }
 }
 
@@ -415,21 +326,22 @@ __device__ __forceinline__ void fetch(const Tiles& s, int r, int c, int lane,
   }
 }
 
-// One token for this lane's states n = lane * NPT + j; returns its partial C . h. One chain
-// (v25): a product and NPT - 1 FMAs, where two chains from zero took NPT FMAs and an add; the
-// walk's tokens are independent of each other's sums, so the unrolled loop overlaps them.
+// One token for this lane's states n = lane * NPT + j; returns its partial C . h (two chains).
 template <bool FINAL>
 __device__ __forceinline__ float advance(const Operands& o, float (&h)[NPT],
                                          const float (&A)[NPT], float& dt_sum) {
-  float y = 0.f;
+  float y0 = 0.f, y1 = 0.f;
 #pragma unroll
   for (int j = 0; j < NPT; ++j) {
     const float a = j < NPOLY ? ex2_fma(o.ld.x * A[j]) : ex2(o.ld.x * A[j]);
     h[j] = fmaf(a, h[j], o.b[j] * o.ld.y);
-    if (FINAL) y = j ? fmaf(o.c[j], h[j], y) : o.c[j] * h[j];
+    if (FINAL) {
+      if (j % 2) y1 = fmaf(o.c[j], h[j], y1);
+      else y0 = fmaf(o.c[j], h[j], y0);
+    }
   }
   if (!FINAL) dt_sum += o.ld.x;
-  return y;
+  return y0 + y1;
 }
 
 // Step 4's sum of a (token, channel)'s SPLIT partials, read as one vector (the row of SPLIT
@@ -521,10 +433,9 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
   const bool active = w.e0 + pc < w.E;
   float2 go[PREP_ROWS];  // step 2's gates for step 4
   const SmemPtr sm = smem_ptr(&s);
-  const TileAddresses at = tile_addresses<FINAL>(w);
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
-    if (k < n_tiles) issue_tile<FINAL>(sm, w, k, k);
+    if (k < n_tiles) issue_tile<FINAL, false>(sm, w, k, k);
     cp_async_commit();
   }
   for (int k = 0; k < n_tiles; ++k) {
@@ -532,8 +443,8 @@ __device__ __forceinline__ void walk(Tiles& s, const Walk& w, int c, int lane, f
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile k is in; every thread is done with tile k - 1
     const int kn = k + STAGES - 1;  // the tile issued now; all but the chunk's last are whole
-    if (kn < n_tiles - 1) issue_whole_tile<FINAL>(sm, at, kn, kn % STAGES);
-    else if (kn == n_tiles - 1) issue_tile<FINAL>(sm, w, kn, kn % STAGES);
+    if (kn < n_tiles - 1) issue_tile<FINAL, true>(sm, w, kn, kn % STAGES);
+    else if (kn == n_tiles - 1) issue_tile<FINAL, false>(sm, w, kn, kn % STAGES);
     cp_async_commit();
     convert_tile(s, stage);  // the tile's x_dbl rows in fp32
     __syncthreads();
