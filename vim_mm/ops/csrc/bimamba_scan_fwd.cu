@@ -72,6 +72,15 @@
 // every shape timed (results/h200_infer_scan_v23*.json); Vim-Ti +2.8% at 1024 px b16. Slower
 // and reverted: steps 2 and 4 with two neighbouring channels per thread (v23, 65f7e8d: 6% slower
 // at 16 x 4097 and 16 x 6085, 0-1% faster at the other shapes).
+// v27 (nineteenth session): the whole-tile walk fully unrolled and one C . h chain per token:
+// 16 x 4097 0.4112 -> 0.3992 ms, 16 x 6085 0.6063 -> 0.5891, 2.6-4.4% at every shape timed
+// (results/h200_infer_scan_v27_ab.json); Vim-Ti +1.7% at 1024 and 1248 px b16. Measured in the
+// same calls and not kept: whole tiles copied by addresses kept in registers and moved per tile
+// (v24, 2102ba0: ~46 fewer instructions per tile, yet 1.3% slower at 16 x 4097 and 16 x 6085,
+// 1-3% faster at the other shapes); the pipelined walk (v26, c4b1ee7: step 2 of tile k + 1 and
+// step 4 of tile k - 1 in the loop walking tile k, to mix MUFU-bound and issue-bound work in one
+// thread's stream; 16-token tiles, two of each converted tile: 13-22% slower at 16 x 4097,
+// slower at every shape, results/h200_infer_scan_v26_explore.json).
 
 // x_dbl rows are copied in XV-byte pieces (16 where the rows are 16-byte aligned and padded, as
 // the mixer makes them; else 8): XWP elements of each row are staged. A tile's rows are then
@@ -326,22 +335,21 @@ __device__ __forceinline__ void fetch(const Tiles& s, int r, int c, int lane,
   }
 }
 
-// One token for this lane's states n = lane * NPT + j; returns its partial C . h (two chains).
+// One token for this lane's states n = lane * NPT + j; returns its partial C . h, one chain (a
+// product and NPT - 1 FMAs: v27; two chains from zero took NPT FMAs and an add, and the fully
+// unrolled walk overlaps the tokens' sums anyway, none depending on another's).
 template <bool FINAL>
 __device__ __forceinline__ float advance(const Operands& o, float (&h)[NPT],
                                          const float (&A)[NPT], float& dt_sum) {
-  float y0 = 0.f, y1 = 0.f;
+  float y = 0.f;
 #pragma unroll
   for (int j = 0; j < NPT; ++j) {
     const float a = j < NPOLY ? ex2_fma(o.ld.x * A[j]) : ex2(o.ld.x * A[j]);
     h[j] = fmaf(a, h[j], o.b[j] * o.ld.y);
-    if (FINAL) {
-      if (j % 2) y1 = fmaf(o.c[j], h[j], y1);
-      else y0 = fmaf(o.c[j], h[j], y0);
-    }
+    if (FINAL) y = j ? fmaf(o.c[j], h[j], y) : o.c[j] * h[j];
   }
   if (!FINAL) dt_sum += o.ld.x;
-  return y0 + y1;
+  return y;
 }
 
 // Step 4's sum of a (token, channel)'s SPLIT partials, read as one vector (the row of SPLIT
@@ -362,14 +370,15 @@ __device__ __forceinline__ float sum_partials(const float (&p)[SPLIT]) {
 }
 
 // Step 3 over a whole tile, operands one token ahead (see Operands); the direction a compile-time
-// constant, so every row address is an immediate offset.
+// constant and the loop fully unrolled (v27; it was unrolled 4 deep), so every row address is an
+// immediate offset and no loop counter remains.
 template <bool FINAL, bool REV>
 __device__ __forceinline__ void walk_tile(Tiles& s, int c, int lane, float (&h)[NPT],
                                           const float (&A)[NPT], float& dt_sum) {
   constexpr int r0 = REV ? TT - 1 : 0, dr = REV ? -1 : 1;
   Operands cur, next;
   fetch<FINAL>(s, r0, c, lane, cur);
-#pragma unroll 4
+#pragma unroll
   for (int kk = 0; kk < TT; ++kk) {
     fetch<FINAL>(s, r0 + (kk + 1) * dr, c, lane, next);
     const float y = advance<FINAL>(cur, h, A, dt_sum);
