@@ -14,8 +14,9 @@ presets and the chunk count per shape from a time model fitted to an H200 sweep.
 
 What it measures (H200, benchmarks/README.md "Thirteenth session", results/h200_infer_scan_v16,
 CUDA-graph replays, auto_config's plans; v17, fifteenth session, is 0.3-1.1% faster still,
-results/h200_infer_scan_v17_ab.json, and v22, eighteenth session, 2.4-4.3% faster than v17,
-results/h200_infer_scan_v23.json): faster than the Triton scan (with its dt_proj GEMMs)
+results/h200_infer_scan_v17_ab.json, v22, eighteenth session, 2.4-4.3% faster than v17,
+results/h200_infer_scan_v23.json, and v27, nineteenth session, 2.1-4.4% faster than v22,
+results/h200_infer_scan_v27_ab.json): faster than the Triton scan (with its dt_proj GEMMs)
 at every Vim-Ti shape timed: 1.45x at 2048 px b4, 1.6x at 224 px b128, 2.2x at 1024 px b16,
 2.6x at 1024 px b1, 3.1x at 512 px b32, and 4.5-10x faster than two mamba-ssm scans with their
 flips; correct everywhere checked (bf16 within 3.6e-3, fp16 within 3.5e-4 of the fp32 PyTorch

@@ -73,7 +73,7 @@
 // and reverted: steps 2 and 4 with two neighbouring channels per thread (v23, 65f7e8d: 6% slower
 // at 16 x 4097 and 16 x 6085, 0-1% faster at the other shapes).
 // v27 (nineteenth session): the whole-tile walk fully unrolled and one C . h chain per token:
-// 16 x 4097 0.4112 -> 0.3992 ms, 16 x 6085 0.6063 -> 0.5891, 2.6-4.4% at every shape timed
+// 16 x 4097 0.4112 -> 0.3992 ms, 16 x 6085 0.6063 -> 0.5891, 2.1-4.4% at every shape timed
 // (results/h200_infer_scan_v27_ab.json); Vim-Ti +1.7% at 1024 and 1248 px b16. Measured in the
 // same calls and not kept: whole tiles copied by addresses kept in registers and moved per tile
 // (v24, 2102ba0: ~46 fewer instructions per tile, yet 1.3% slower at 16 x 4097 and 16 x 6085,
