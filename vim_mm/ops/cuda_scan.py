@@ -50,8 +50,9 @@ HELPERS = SOURCE.with_name('ptx_helpers.cuh')  # PTX helpers shared with cuda_co
 
 def kernel_text(source: Path) -> str:
     """A kernel file with the PTX helpers it shares (``csrc/ptx_helpers.cuh``) in front: NVRTC
-    compiles it as one program. Files from before the helpers were shared (a scan source of
-    an older commit, e.g. in ``benchmarks/gpu_infer_scan.py --ab``) carry their own."""
+    compiles it as one program. Files from before the helpers were shared (0d7b2f8; e.g. an
+    older commit's conv + x_proj source in ``benchmarks/gpu_layer_ops.py --ab``) carry their
+    own."""
     text = Path(source).read_text()
     if 'float to_f32(u16 v) {' in text:  # self-contained
         return text

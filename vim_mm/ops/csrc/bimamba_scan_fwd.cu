@@ -76,8 +76,8 @@
 // 16 x 4097 0.4112 -> 0.3992 ms, 16 x 6085 0.6063 -> 0.5891, 2.1-4.4% at every shape timed
 // (results/h200_infer_scan_v27_ab.json); Vim-Ti +1.7% at 1024 and 1248 px b16. Measured in the
 // same calls and not kept: whole tiles copied by addresses kept in registers and moved per tile
-// (v24, 2102ba0: ~46 fewer instructions per tile, yet 1.3% slower at 16 x 4097 and 16 x 6085,
-// 1-3% faster at the other shapes); the pipelined walk (v26, c4b1ee7: step 2 of tile k + 1 and
+// (2102ba0, with one chain: ~46 fewer instructions per tile, yet 0.9-1.3% slower at 16 x 4097
+// and 16 x 6085, 1-3% faster at the other shapes); the pipelined walk (v26, c4b1ee7: step 2 of tile k + 1 and
 // step 4 of tile k - 1 in the loop walking tile k, to mix MUFU-bound and issue-bound work in one
 // thread's stream; 16-token tiles, two of each converted tile: 13-22% slower at 16 x 4097,
 // slower at every shape, results/h200_infer_scan_v26_explore.json).
